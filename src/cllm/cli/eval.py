@@ -1,0 +1,125 @@
+"""`cllm eval`: perplexity and KL divergence under the pinned protocol."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, log, out_console, progress, use_json
+from cllm.errors import CheckFailed
+
+
+class BackendName(str, Enum):
+    torch = "torch"
+    llamacpp = "llama.cpp"
+
+
+def eval_cmd(
+    checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
+    backend: BackendName = typer.Option(BackendName.torch, "--backend", "-b", help="torch (dequantized weights) or llama.cpp (the GGUF's own kernels)."),
+    text: Path = typer.Option(None, "--text", help="Evaluation text [default: $CLLM_DATA_DIR/wikitext-2/wiki.test.raw]."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
+    chunks: int = typer.Option(None, "--chunks", "-n", help="Score only the first N chunks [default: all]."),
+    kld_base: str = typer.Option(None, "--kld-base", help="Base checkpoint for KL divergence and top-1 agreement."),
+    base_backend: BackendName = typer.Option(BackendName.torch, "--base-backend", help="Backend that computes the base's logits."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]."),
+    fail_under: float = typer.Option(None, "--fail-under", help="Exit 3 if perplexity is above this (a quality gate)."),
+    max_kld: float = typer.Option(None, "--max-kld", help="Exit 3 if mean KLD is above this."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the base logits cache."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Evaluate even if weights hold NaN or inf."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Perplexity on WikiText-2 (pinned protocol) and KL divergence against a base.
+
+    Protocol: the text is tokenized as one string (no BOS), cut into
+    non-overlapping chunks of --ctx tokens, and each chunk is scored on its
+    second half only, as llama.cpp's perplexity tool does.
+
+    Example:
+
+        cllm eval smollm2-135m --chunks 16
+
+        cllm eval model.gguf --backend llama.cpp --kld-base smollm2-135m --chunks 16
+    """
+    _eval(
+        checkpoint, backend.value, text, ctx, chunks, kld_base, base_backend.value, threads,
+        fail_under, max_kld, no_cache, allow_nonfinite, as_json,
+    )  # fmt: skip
+
+
+@handle_errors("eval")
+def _eval(
+    checkpoint: str,
+    backend: str,
+    text: Path | None,
+    ctx: int,
+    chunks: int | None,
+    kld_base: str | None,
+    base_backend: str,
+    threads: int | None,
+    fail_under: float | None,
+    max_kld: float | None,
+    no_cache: bool,
+    allow_nonfinite: bool,
+    as_json: bool,
+) -> None:
+    from cllm.cli.resolve import open_spec
+    from cllm.core.eval.perplexity import EvalConfig
+    from cllm.core.eval.run import run_eval
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.paths import default_eval_text
+
+    text_path = text or default_eval_text()
+    model, _spec = open_spec(checkpoint)
+    base = open_checkpoint(kld_base) if kld_base else None
+    cfg = EvalConfig(text=str(text_path), ctx=ctx, chunks=chunks, backend=backend, threads=threads)
+    total = chunks
+    with progress("evaluating", total) as advance:
+        result = run_eval(
+            model,
+            cfg,
+            kld_base=base,
+            base_backend=base_backend,
+            use_cache=not no_cache,
+            allow_nonfinite=allow_nonfinite,
+            on_stage=lambda m: log(m, level=1),
+            on_chunk=lambda i, ppl: advance(description=f"chunk {i + 1}: ppl {ppl:.3f}"),
+        )
+    if use_json(as_json):
+        emit_json(result.to_dict())
+    else:
+        _print_table(result)
+    if fail_under is not None and result.perplexity > fail_under:
+        raise CheckFailed(f"perplexity {result.perplexity:.4f} is above --fail-under {fail_under}")
+    if max_kld is not None:
+        if result.kld is None:
+            raise CheckFailed("--max-kld needs --kld-base")
+        if result.kld.mean > max_kld:
+            raise CheckFailed(f"mean KLD {result.kld.mean:.6f} is above --max-kld {max_kld}")
+
+
+def _print_table(result: object) -> None:
+    from rich.table import Table
+
+    r = result  # EvalResult
+    con = out_console()
+    p = r.protocol  # type: ignore[attr-defined]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{r.model} ({r.backend})")  # type: ignore[attr-defined]
+    table.add_row("perplexity", f"{r.perplexity:.4f} ± {r.perplexity_se:.4f}")  # type: ignore[attr-defined]
+    k = r.kld  # type: ignore[attr-defined]
+    if k is not None:
+        table.add_row("base", f"{k.base} ({k.base_backend}), perplexity {r.base_perplexity:.4f}")  # type: ignore[attr-defined]
+        table.add_row("mean KLD", f"{k.mean:.6f} ± {k.mean_se:.6f}")
+        table.add_row("KLD median / p99 / max", f"{k.median:.6f} / {k.p99:.6f} / {k.max:.6f}")
+        table.add_row("top-1 agreement", f"{k.top1_agreement * 100:.2f}%")
+    table.add_row(
+        "protocol",
+        f"{p['text']} (sha256 {p['text_sha256'][:12]}), ctx {p['ctx']}, {p['chunks']} chunks, "
+        f"{p['tokens_scored']} tokens scored (second half of each chunk)",
+    )
+    con.print(table)

@@ -1,0 +1,103 @@
+"""`cllm export`: write a checkpoint in another format."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from cllm.cli._common import JSON_OPTION, default_output, emit_artifact, handle_errors, log, progress, use_json, warn
+from cllm.errors import UsageError
+
+
+class Target(str, Enum):
+    gguf = "gguf"
+    safetensors = "safetensors"
+
+
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
+    to: Target = typer.Option(..., "--to", help="Output format."),
+    gguf_type: str = typer.Option("F16", "--gguf-type", help="GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1."),
+    single_file: bool = typer.Option(False, "--single-file", help="safetensors: one file embedding config and tokenizer."),
+    dtype: str = typer.Option(None, "--dtype", help="safetensors: cast float tensors to F32, F16 or BF16."),
+    output: Path = typer.Option(None, "--output", "-o", help="Output path [default: <stem>.export-<hash>.<ext> beside the input]."),
+    force: bool = typer.Option(False, "--force", "-f", help="Redo the work even if an identical output exists."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned output path and exit."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Convert a checkpoint to GGUF (llama.cpp) or safetensors.
+
+    Prints the path of what it wrote. An existing output with the same
+    provenance is reused (Make-friendly) unless --force.
+
+    Example:
+
+        cllm export smollm2-135m --to gguf --gguf-type Q8_0
+
+        cllm export model.gguf --to safetensors --single-file -o model.safetensors
+    """
+    _export(checkpoint, to.value, gguf_type.upper(), single_file, dtype, output, force, dry_run, as_json)
+
+
+@handle_errors("export")
+def _export(
+    checkpoint: str,
+    to: str,
+    gguf_type: str,
+    single_file: bool,
+    dtype: str | None,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    from cllm.cli.resolve import open_spec
+    from cllm.core.export import ExportConfig, GGUFExportConfig, SafetensorsExportConfig, export
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.provenance import make_provenance, provenance_id
+
+    cfg: ExportConfig
+    if to == "gguf":
+        if single_file or dtype:
+            raise UsageError("--single-file and --dtype apply to --to safetensors only")
+        cfg = GGUFExportConfig(gguf_type=gguf_type)
+    else:
+        cfg = SafetensorsExportConfig(single_file=single_file, dtype=dtype.upper() if dtype else None)
+    cfg.validate()
+    ckpt, spec = open_spec(checkpoint)
+    params = cfg.to_dict()
+    pid = provenance_id(ckpt.sha256, "export", params)
+    out = output or default_output(spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension)
+    if dry_run:
+        emit_artifact_plan(out)
+        return
+    if out.exists() and not force:
+        try:
+            existing = open_checkpoint(out).provenance or {}
+        except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
+            existing = {}
+        if existing.get("id") == pid:
+            log(f"{out} is up to date (same input and parameters); --force redoes it")
+            emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
+            return
+        if output is None:
+            warn(f"{out} exists with other provenance; overwriting")
+    prov = make_provenance("export", params, ckpt.sha256, ckpt.provenance, str(ckpt.path))
+    n = len(ckpt.tensor_infos())
+    with progress(f"export to {to}", n) as advance:
+        report = export(ckpt, cfg, out, prov, progress=lambda _name: advance())
+    types = report.get("types") or {}
+    if to == "gguf" and types:
+        fallback = {k: v for k, v in types.items() if k not in (gguf_type, "F32")}
+        if fallback:
+            warn(f"some tensors could not use {gguf_type} (row length not a multiple of its block): {fallback}")
+        log("tensor types: " + ", ".join(f"{k} {v}" for k, v in types.items()), level=1)
+    emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
+
+
+def emit_artifact_plan(out: Path) -> None:
+    import sys
+
+    sys.stdout.write(str(out) + "\n")

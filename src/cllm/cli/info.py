@@ -1,0 +1,88 @@
+"""`cllm info`: what a checkpoint is, how it is stored, and what made it."""
+
+from __future__ import annotations
+
+import typer
+
+from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, out_console, progress, use_json
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def info(
+    checkpoint: str = typer.Argument(..., help="Model path (.safetensors, .gguf, HF folder), alias, or '-' for stdin."),
+    sparsity: bool = typer.Option(True, "--sparsity/--no-sparsity", help="Count exact zeros (reads every tensor)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show architecture, size, storage types, bits per weight, sparsity and provenance.
+
+    Example:
+
+        cllm info smollm2-135m
+
+        echo model.gguf | cllm info - --json
+    """
+    _info(checkpoint, sparsity, as_json)
+
+
+@handle_errors("info")
+def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
+    from cllm.cli.resolve import open_spec
+    from cllm.core.info import inspect_checkpoint
+
+    ckpt, _spec = open_spec(checkpoint)
+    n = len(ckpt.tensor_infos())
+    with progress("reading tensors", n if sparsity else 0) as advance:
+        report = inspect_checkpoint(ckpt, sparsity=sparsity, on_tensor=lambda _n: advance())
+    if use_json(as_json):
+        emit_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    con = out_console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
+    rows = [
+        ("path", report.path),
+        ("format", report.format),
+        ("architecture", report.architecture),
+        ("layers", str(report.layers)),
+        ("hidden size", str(report.hidden_size)),
+        ("heads (kv)", f"{report.heads} ({report.kv_heads})"),
+        ("vocab", str(report.vocab_size)),
+        ("context", str(report.context_length)),
+        ("parameters", f"{report.params:,}"),
+        ("file size", f"{_human_bytes(report.file_bytes)} ({report.file_bytes:,} B)"),
+        ("bits/weight", f"{report.bits_per_weight:.3f}"),
+        ("sparsity", "not measured" if report.sparsity is None else f"{report.sparsity * 100:.2f}% exact zeros"),
+        ("sha256", str(report.sha256)),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    con.print(head)
+    types = Table(title="storage types", title_justify="left")
+    for col in ("type", "tensors", "parameters", "bytes", "bits/weight"):
+        types.add_column(col, justify="right" if col != "type" else "left")
+    for name, st in report.types.items():
+        bpw = st.bytes * 8 / st.params if st.params else 0
+        types.add_row(name, str(st.tensors), f"{st.params:,}", _human_bytes(st.bytes), f"{bpw:.2f}")
+    con.print(types)
+    if report.provenance:
+        prov = Table(title="provenance (newest first)", title_justify="left")
+        for col in ("#", "op", "params", "parent sha256", "created", "cllm"):
+            prov.add_column(col)
+        for i, p in enumerate(report.provenance):
+            params = ", ".join(f"{k}={v}" for k, v in (p.get("params") or {}).items())
+            parent = (p.get("parent_sha256") or "")[:12]
+            ver = (p.get("versions") or {}).get("cllm", "")
+            prov.add_row(str(i), str(p.get("op")), params, parent, str(p.get("created")), str(ver))
+        con.print(prov)
+    else:
+        con.print("provenance: none recorded (not made by cllm)")

@@ -1,0 +1,199 @@
+"""Backends that turn a chunk of token ids into next-token logits.
+
+`torch` runs transformers on the checkpoint's dequantized weights (the reference);
+`llama.cpp` runs the GGUF itself through llama-cpp-python, kernels and all, which
+is what a user deploying that file gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cllm.errors import InputError, RuntimeFailure, UsageError
+from cllm.formats.checkpoint import Checkpoint
+
+BACKENDS = ("torch", "llama.cpp")
+
+
+class Backend(Protocol):
+    name: str
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 [len(tokens), vocab]: logits at every position."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
+    """A transformers model holding the checkpoint's weights, read tensor by tensor.
+
+    The module tree is made on the meta device (no random init, no double
+    allocation), then each tensor is assigned as it is read.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg_dict = dict(ckpt.config)
+    cfg_dict.pop("quantization_config", None)
+    model_type = cfg_dict.pop("model_type", None)
+    if not model_type:
+        raise InputError(f"{ckpt.path}: config has no model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for name, tensor in ckpt.iter_tensors():
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+            if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+                raise InputError(
+                    f"tensor {name} holds non-finite values (NaN or inf)",
+                    "The model is broken; pass --allow-nonfinite to evaluate it anyway",
+                )
+        state[name] = tensor
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise InputError(
+            f"{ckpt.path}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # buffers computed in __init__ (rotary frequencies) were made on meta: rebuild them
+    for mod_name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, attr = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, type(module)(config=config))
+    leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftovers:
+        raise RuntimeFailure(f"could not materialise {leftovers[:3]}")
+    model.eval()
+    return model
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, ckpt: Checkpoint, threads: int | None = None, allow_nonfinite: bool = False) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = build_torch_model(ckpt, allow_nonfinite)
+        self.threads = torch.get_num_threads()
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+            out = self.model(input_ids=ids, use_cache=False).logits[0]
+        return out.float().numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Any:
+    """llama.cpp prints to fd 2 from C; keep it off the user's terminal unless --debug."""
+    if os.environ.get("CLLM_DEBUG"):
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, ctx: int, threads: int | None = None) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise UsageError(
+                "the llama.cpp backend needs llama-cpp-python", "Install it: pip install llama-cpp-python"
+            ) from exc
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        try:
+            with _quiet_stderr():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(gguf_path),
+                    n_ctx=ctx,
+                    n_batch=ctx,
+                    n_ubatch=ctx,
+                    logits_all=True,
+                    n_threads=self.threads,
+                    n_threads_batch=self.threads,
+                    verbose=False,
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeFailure(f"llama.cpp could not load {gguf_path}: {exc}") from exc
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval([int(t) for t in tokens])
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
+
+def check_finite(ckpt: Checkpoint) -> None:
+    """Refuse NaN/inf weights before a backend silently turns them into NaN perplexity."""
+    import torch
+
+    for name, tensor in ckpt.iter_tensors():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(
+                f"tensor {name} holds non-finite values (NaN or inf)",
+                "The model is broken; pass --allow-nonfinite to evaluate it anyway",
+            )
+
+
+def gguf_for_llamacpp(ckpt: Checkpoint) -> Path:
+    """llama.cpp needs a GGUF: a non-GGUF checkpoint is converted once to an F32 GGUF in the cache."""
+    if ckpt.format == "gguf":
+        return ckpt.path
+    from cllm.formats.provenance import make_provenance
+    from cllm.formats.save import save_gguf
+    from cllm.paths import cache_dir
+
+    target = cache_dir() / "gguf" / f"{ckpt.sha256[:16]}.F32.gguf"
+    if not target.exists():
+        prov = make_provenance("export", {"to": "gguf", "gguf_type": "F32"}, ckpt.sha256, ckpt.provenance, str(ckpt.path))
+        save_gguf(target, ckpt, "F32", prov)
+    return target
+
+
+def make_backend(
+    ckpt: Checkpoint, name: str, ctx: int, threads: int | None = None, allow_nonfinite: bool = False
+) -> Backend:
+    if name == "torch":
+        return TorchBackend(ckpt, threads, allow_nonfinite)
+    if name == "llama.cpp":
+        if not allow_nonfinite:
+            check_finite(ckpt)
+        return LlamaCppBackend(gguf_for_llamacpp(ckpt), ctx, threads)
+    raise UsageError(f"unknown backend '{name}'", "Choose one of: " + ", ".join(BACKENDS))

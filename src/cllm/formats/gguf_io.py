@@ -1,0 +1,473 @@
+"""GGUF: strict header validation, lazy per-tensor dequantized reading, streaming writing.
+
+Reading maps llama.cpp's tensor names and hyperparameters to transformers'
+(see `arch.py`), so a GGUF is a checkpoint like any other. Writing uses gguf-py's
+numpy quantizers for the types it can produce and the tokenizer fields llama.cpp
+needs, so the file loads in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cllm.errors import InputError, UsageError
+from cllm.formats.arch import ArchSpec, check_shapes, llama_config_from_gguf, spec_for_config, spec_for_gguf
+from cllm.formats.checkpoint import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+PROVENANCE_KEY = "cllm.provenance"
+# GGUF keys carried through other formats so a round trip keeps them
+CARRIED_KEYS = (
+    "tokenizer.ggml.pre",
+    "tokenizer.chat_template",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "tokenizer.ggml.add_space_prefix",
+    "general.name",
+)
+
+# types gguf-py can quantize in numpy, that cllm therefore writes itself
+WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_MAX_DIMS = 4
+
+
+class _Cursor:
+    """Bounds-checked reads over the file bytes, so a lying header gives a clear error."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise InputError(
+                f"{self.path}: {what} runs past the end of the file (needs {n} bytes at offset {self.pos}, file has {len(self.buf)})",
+                "The file is truncated or corrupt",
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", f"length of {what}")
+        raw = self.take(n, f"{what} (a string of {n} bytes)")
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: {what} is not UTF-8") from exc
+
+
+def validate_gguf(path: Path) -> None:
+    """Walk the whole GGUF header with bounds checks before gguf-py touches it."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    with fh:
+        size = path.stat().st_size
+        if size < 24:
+            raise InputError(f"{path} is truncated: {size} bytes, shorter than a GGUF header")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            cur = _Cursor(memoryview(mm), path)
+            magic = bytes(cur.take(4, "magic"))
+            if magic != b"GGUF":
+                raise InputError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+            version = cur.unpack("<I", "version")
+            if version not in (2, 3):
+                raise InputError(f"{path}: GGUF version {version} is not supported", "cllm reads GGUF versions 2 and 3")
+            n_tensors = cur.unpack("<Q", "tensor count")
+            n_kv = cur.unpack("<Q", "key/value count")
+            # every tensor info needs at least 8+4+8+4+8 bytes, every kv at least 8+4+1
+            if n_tensors * 32 > size or n_kv * 13 > size:
+                raise InputError(
+                    f"{path}: header claims {n_tensors} tensors and {n_kv} keys, more than a {size}-byte file can hold",
+                    "The file is truncated or corrupt",
+                )
+            alignment = 32
+            for _ in range(n_kv):
+                key = cur.string("a key name")
+                vtype = cur.unpack("<I", f"type of key {key}")
+                value = _skip_value(cur, vtype, key)
+                if key == "general.alignment" and isinstance(value, int):
+                    if value <= 0 or value & (value - 1):
+                        raise InputError(f"{path}: general.alignment {value} is not a power of two")
+                    alignment = value
+            infos = []
+            for i in range(n_tensors):
+                name = cur.string(f"name of tensor {i}")
+                n_dims = cur.unpack("<I", f"rank of tensor {name}")
+                if n_dims < 1 or n_dims > _MAX_DIMS:
+                    raise InputError(f"{path}: tensor {name} has {n_dims} dimensions")
+                dims = [cur.unpack("<Q", f"shape of tensor {name}") for _ in range(n_dims)]
+                ttype = cur.unpack("<I", f"type of tensor {name}")
+                offset = cur.unpack("<Q", f"offset of tensor {name}")
+                try:
+                    qtype = GGMLQuantizationType(ttype)
+                    block, type_size = GGML_QUANT_SIZES[qtype]
+                except (ValueError, KeyError):
+                    raise InputError(
+                        f"{path}: tensor {name} has unknown quantization type {ttype}",
+                        "The file may come from a newer llama.cpp than this gguf library knows",
+                    ) from None
+                if dims[0] % block:
+                    raise InputError(f"{path}: tensor {name} row length {dims[0]} is not a multiple of {qtype.name}'s block {block}")
+                numel = 1
+                for d in dims:
+                    numel *= d
+                infos.append((name, offset, numel // block * type_size))
+            data_start = -(-cur.pos // alignment) * alignment
+            spans = []
+            for name, offset, nbytes in infos:
+                if offset % alignment or data_start + offset + nbytes > size:
+                    raise InputError(
+                        f"{path}: tensor {name} data (offset {offset}, {nbytes} bytes) lies outside the file",
+                        "The file is truncated or corrupt",
+                    )
+                spans.append((offset, offset + nbytes, name))
+            spans.sort()
+            for (_, a_end, a), (b_begin, _, b) in zip(spans, spans[1:]):
+                if b_begin < a_end:
+                    raise InputError(f"{path}: tensors {a} and {b} overlap", "The file is corrupt")
+        finally:
+            del cur
+            mm.close()
+
+
+def _skip_value(cur: _Cursor, vtype: int, key: str) -> Any:
+    if vtype in _SCALAR:
+        return cur.unpack(_SCALAR[vtype], f"value of key {key}")
+    if vtype == 8:
+        return cur.string(f"value of key {key}")
+    if vtype == 9:
+        etype = cur.unpack("<I", f"element type of key {key}")
+        count = cur.unpack("<Q", f"length of array {key}")
+        if etype in _SCALAR:
+            cur.take(count * struct.calcsize(_SCALAR[etype]), f"array {key} ({count} elements)")
+        elif etype == 8:
+            if count * 8 > len(cur.buf):
+                raise InputError(f"{cur.path}: array {key} claims {count} strings, more than the file can hold")
+            for _ in range(count):
+                n = cur.unpack("<Q", f"a string in array {key}")
+                cur.take(n, f"a string of {n} bytes in array {key}")
+        else:
+            raise InputError(f"{cur.path}: array {key} has unsupported element type {etype}")
+        return None
+    raise InputError(f"{cur.path}: key {key} has unknown value type {vtype}")
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    _names: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from gguf import GGUFReader
+
+        self.format = "gguf"
+        validate_gguf(self.path)
+        try:
+            self.reader = GGUFReader(self.path, "r")
+        except (ValueError, IndexError, OSError) as exc:
+            raise InputError(f"{self.path}: GGUF could not be parsed ({exc})") from exc
+        self.gguf_arch = str(self.kv("general.architecture", ""))
+        self.spec: ArchSpec = spec_for_gguf(self.gguf_arch)
+        for t in self.reader.tensors:
+            hf = self.spec.hf_name(t.name)
+            if hf is None:
+                if t.name in self.spec.ignored_gguf:
+                    continue
+                raise InputError(f"{self.path}: tensor {t.name} has no known transformers name for {self.gguf_arch}")
+            self._names[hf] = t
+        n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in self.reader.fields else 0
+        self._config = llama_config_from_gguf(self.kv, self.gguf_arch, n_vocab)
+        self._config["tie_word_embeddings"] = "lm_head.weight" not in self._names
+        check_shapes(self._config, {n: i.shape for n, i in self.tensor_infos().items()}, str(self.path))
+
+    def kv(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return default
+
+    @cached_property
+    def _infos(self) -> dict[str, TensorInfo]:
+        out = {}
+        for hf, t in self._names.items():
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            out[hf] = TensorInfo(hf, shape, t.tensor_type.name, int(t.n_bytes))
+        return out
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get_numpy(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._names[name]
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = arr.reshape(self._infos[name].shape)
+        return self.spec.from_gguf_rows(name, arr, self._config)
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        arr = self.get_numpy(name)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr, dtype=np.float32, order="C")  # a view into the read-only memory map
+        return torch.from_numpy(arr)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @cached_property
+    def provenance(self) -> dict[str, Any] | None:  # type: ignore[override]
+        raw = self.kv(PROVENANCE_KEY)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def gguf_kv(self) -> dict[str, Any]:
+        return {k: self.kv(k) for k in CARRIED_KEYS if k in self.reader.fields}
+
+    @cached_property
+    def tokenizer_hash(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+            f = self.reader.fields.get(key)
+            h.update(key.encode() + b"\0")
+            if f is not None:
+                for i in f.data:
+                    h.update(bytes(f.parts[i]) + b"\0")
+        return h.hexdigest()
+
+    def tokenizer_dir(self) -> Path:
+        """Convert the GGUF vocabulary with transformers once, then reuse the cached folder."""
+        from cllm.paths import cache_dir
+
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            raise InputError(f"{self.path} carries no tokenizer")
+        target = cache_dir() / "tokenizers" / ("gguf-" + self.tokenizer_hash[:16])
+        if not (target / "tokenizer_config.json").exists():
+            import logging
+
+            from transformers import AutoTokenizer
+
+            logging.getLogger("transformers").setLevel(logging.ERROR)
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            tmp = target.with_name(target.name + ".partial")
+            tok.save_pretrained(str(tmp))
+            if not target.exists():
+                tmp.replace(target)
+        return target
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def close(self) -> None:
+        self.reader = None  # type: ignore[assignment]
+
+
+# -- writing ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFTensorPlan:
+    hf_name: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]  # float32, transformers row order
+
+
+def qtype_for(name: str, shape: tuple[int, ...], want: str) -> str:
+    """The type a tensor gets: 1-D tensors stay F32 (as llama.cpp's converter does);
+    a row length the block size does not divide falls back to F16."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if len(shape) < 2:
+        return "F32"
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[want]][0]
+    if shape[-1] % block:
+        return "F16"
+    return want
+
+
+def _tokenizer_fields(tokenizer_dir: Path, vocab_size: int, carried: dict[str, Any]) -> dict[str, Any]:
+    """GGUF tokenizer keys from an HF fast tokenizer (byte-level BPE, llama.cpp's 'gpt2' model)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UsageError("only fast (tokenizer.json) tokenizers can be written to GGUF")
+    model = json.loads(backend.to_str()).get("model", {})
+    if model.get("type") != "BPE":
+        raise UsageError(
+            f"tokenizer model {model.get('type')!r} cannot be written to GGUF yet",
+            "Only byte-level BPE (GPT-2 style) tokenizers are supported",
+        )
+    vocab = backend.get_vocab(with_added_tokens=True)
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        types[idx] = 1  # NORMAL
+    for idx, added in tok.added_tokens_decoder.items():
+        if idx < n:
+            types[idx] = 3 if added.special else 4  # CONTROL / USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    fields: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": carried.get("tokenizer.ggml.pre", "default"),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    for attr, key in (
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("unk_token_id", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ):
+        value = getattr(tok, attr, None)
+        if isinstance(value, int):
+            fields[key] = value
+    template = carried.get("tokenizer.chat_template") or getattr(tok, "chat_template", None)
+    if isinstance(template, str):
+        fields["tokenizer.chat_template"] = template
+    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"):
+        if key in carried:
+            fields[key] = bool(carried[key])
+    return fields
+
+
+def write_gguf(
+    path: Path,
+    config: dict[str, Any],
+    tensors: Iterable[GGUFTensorPlan],
+    gguf_type: str,
+    tokenizer_dir: Path,
+    carried: dict[str, Any],
+    provenance: dict[str, Any],
+    on_tensor: Callable[[str, str], None] | None = None,
+) -> dict[str, int]:
+    """Write a GGUF llama.cpp can load, streaming one tensor at a time.
+
+    Returns how many tensors got each type, so callers can report fallbacks.
+    """
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quant_shape_to_byte_shape, quantize
+
+    if gguf_type not in WRITABLE_TYPES:
+        raise UsageError(f"GGUF type {gguf_type} cannot be written by cllm export", "Choose one of " + ", ".join(WRITABLE_TYPES))
+    spec = spec_for_config(config)
+    plans = list(tensors)
+    w = GGUFWriter(None, spec.gguf_arch)
+    arch = spec.gguf_arch
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    w.add_name(str(carried.get("general.name") or config.get("_name_or_path") or "cllm model"))
+    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(heads)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(int(config["vocab_size"]))
+    ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[gguf_type]
+    w.add_file_type(ftype)
+    w.add_quantization_version(2)
+    for key, value in _tokenizer_fields(tokenizer_dir, int(config["vocab_size"]), carried).items():
+        _add_kv(w, key, value)
+    w.add_string(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
+
+    counts: dict[str, int] = {}
+    ordered: list[tuple[GGUFTensorPlan, str, str]] = []
+    for p in plans:
+        gname = spec.gguf_name(p.hf_name)
+        if gname is None:
+            raise UsageError(f"tensor {p.hf_name} has no GGUF name for {arch}")
+        if p.hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        qt = qtype_for(p.hf_name, p.shape, gguf_type)
+        counts[qt] = counts.get(qt, 0) + 1
+        ordered.append((p, gname, qt))
+        qtype = GGMLQuantizationType[qt]
+        nbytes = int(np.prod(quant_shape_to_byte_shape(p.shape, qtype))) if qt not in ("F32", "F16") else int(np.prod(p.shape)) * (4 if qt == "F32" else 2)
+        w.add_tensor_info(gname, list(p.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    w.write_header_to_file(path=Path(path))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for p, gname, qt in ordered:
+        arr = np.asarray(p.produce(), dtype=np.float32)
+        if tuple(arr.shape) != p.shape:
+            raise RuntimeError(f"tensor {p.hf_name}: produced {list(arr.shape)}, planned {list(p.shape)}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"tensor {p.hf_name} has non-finite values", "Refusing to write a broken model")
+        arr = spec.to_gguf_rows(p.hf_name, arr, config)
+        if qt == "F32":
+            data = np.ascontiguousarray(arr)
+        elif qt == "F16":
+            data = arr.astype(np.float16)
+        else:
+            data = quantize(np.ascontiguousarray(arr), GGMLQuantizationType[qt])
+        w.write_tensor_data(data)
+        if on_tensor:
+            on_tensor(p.hf_name, qt)
+    w.close()
+    return counts
+
+
+def _add_kv(w: Any, key: str, value: Any) -> None:
+    from gguf import GGUFValueType
+
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, list) and value and isinstance(value[0], int):
+        w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+    elif isinstance(value, list):
+        w.add_array(key, value)
+    else:
+        raise TypeError(f"cannot write GGUF key {key} of type {type(value).__name__}")
