@@ -8,8 +8,12 @@ from __future__ import annotations
 import sys
 from enum import Enum
 
-import click
 import typer
+
+try:  # typer >= 0.29 vendors its own click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer uses the click package
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from cllm import __version__
 from cllm.cli._common import STATE, debug_enabled
@@ -77,18 +81,18 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
         rv = command.main(args=args, prog_name="cllm", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:  # type: ignore[attr-defined]
+    except click_exc.NoArgsIsHelpError as exc:
         sys.stdout.write(exc.ctx.get_help() + "\n")
         sys.exit(0)
-    except click.UsageError as exc:
+    except click_exc.UsageError as exc:
         sub = exc.ctx.info_name if exc.ctx is not None and exc.ctx.parent is not None else None
         where = f"cllm {sub}" if sub else "cllm"
         msg = exc.format_message().rstrip(".")
         sys.stderr.write(f"{where}: error: {msg}. Run '{where} --help' for usage.\n")
         sys.exit(EXIT_USAGE)
-    except click.exceptions.Exit as exc:
+    except click_exc.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click_exc.Abort:
         sys.stderr.write("cllm: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:

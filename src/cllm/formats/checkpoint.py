@@ -69,9 +69,7 @@ class Checkpoint(ABC):
         """A folder transformers' AutoTokenizer can load (materialised if needed)."""
 
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir()))
+        return load_tokenizer(self.tokenizer_dir())
 
     @property
     def provenance(self) -> dict[str, Any] | None:
@@ -107,6 +105,19 @@ class Checkpoint(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """transformers' AutoTokenizer, with a broken tokenizer reported as bad input."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception on malformed files
+        raise InputError(f"cannot load the tokenizer in {folder}: {exc}", "Check tokenizer.json") from exc
 
 
 def read_json_file(path: Path, what: str) -> dict[str, Any]:

@@ -285,7 +285,10 @@ class GGUFCheckpoint(Checkpoint):
             from transformers import AutoTokenizer
 
             logging.getLogger("transformers").setLevel(logging.ERROR)
-            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            except Exception as exc:  # noqa: BLE001 - converter errors are not typed
+                raise InputError(f"{self.path}: its tokenizer could not be converted ({exc})") from exc
             tmp = target.with_name(target.name + ".partial")
             tok.save_pretrained(str(tmp))
             if not target.exists():
@@ -322,9 +325,9 @@ def qtype_for(name: str, shape: tuple[int, ...], want: str) -> str:
 
 def _tokenizer_fields(tokenizer_dir: Path, vocab_size: int, carried: dict[str, Any]) -> dict[str, Any]:
     """GGUF tokenizer keys from an HF fast tokenizer (byte-level BPE, llama.cpp's 'gpt2' model)."""
-    from transformers import AutoTokenizer
+    from cllm.formats.checkpoint import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise UsageError("only fast (tokenizer.json) tokenizers can be written to GGUF")

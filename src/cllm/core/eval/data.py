@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +47,9 @@ def load_tokens(text_path: Path, tokenizer_dir: Path) -> EvalTokens:
     text = text_path.read_text(encoding="utf-8", errors="strict")
     if not text.strip():
         raise InputError(f"evaluation text {text_path} is empty")
-    from transformers import AutoTokenizer
+    from cllm.formats.checkpoint import load_tokenizer
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")

@@ -74,7 +74,7 @@ def run_eval(
             "base_sha256": kld_base.sha256,
             "base_backend": base_name,
             "text_sha256": toks.text_sha256,
-            "tokenizer_sha256": toks.tokenizer_sha256,
+            "tokenizer_sha256": base_toks.tokenizer_sha256,
             "ctx": cfg.ctx,
             "protocol": PROTOCOL_VERSION,
         }

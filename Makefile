@@ -1,0 +1,43 @@
+# cllm: two commands for a new user — `make install && make demo`, and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cllm-installed
+PYTEST := $(PY) -m pytest
+
+.PHONY: install demo test test-slow test-all lint format gen bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PYTEST)
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
+
+test-all: $(STAMP)
+	$(PYTEST) -m "slow or not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
+	$(VENV)/bin/mypy src/cllm/core src/cllm/formats
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests bench scripts
+	$(VENV)/bin/ruff format src tests bench scripts
+
+gen: $(STAMP)
+	$(PY) -m cllm.gen
+
+bench: $(STAMP)
+	$(PY) bench/eval_speed.py
+
+clean:
+	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""Bad inputs through the real CLI: one line on stderr, exit code 2, no traceback, no output left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cllm.testing.badfiles import EXPECT, KNOWN_BUGS, MALFORMED, NONFINITE, Sources, make_sources
+from cllm.testing.tiny import tiny_text
+
+
+def _params(names: list[str]) -> list[object]:
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
+        if n in KNOWN_BUGS
+        else n
+        for n in names
+    ]
+
+
+@pytest.fixture(scope="session")
+def bad_sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
+    # the same fixed folder as tests/formats/test_bad_inputs.py: the tiny model is built once
+    return make_sources(tmp_path_factory.getbasetemp() / "badfiles-sources")
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CLLM_DEBUG", None)
+    env.update(
+        CLLM_CACHE=str(tmp_path_factory.mktemp("cllm-cache")),
+        NO_COLOR="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def cases_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bad-inputs-cli")
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("eval-text") / "small.txt"
+    path.write_text(tiny_text(400))
+    return path
+
+
+def cllm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cllm", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], cmd: str, expect: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"cllm {cmd}: error: "), proc.stderr
+    assert expect in proc.stderr
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _build(fn: object, src: Sources, dest: Path) -> tuple[Path, list[str]]:
+    path = fn(src, dest)  # type: ignore[operator]
+    return path, _listing(dest)
+
+
+@pytest.mark.parametrize("name", _params(sorted(MALFORMED)))
+def test_info_refuses(
+    bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], name: str
+) -> None:
+    path, before = _build(MALFORMED[name], bad_sources, cases_root / f"info-{name}")
+    proc = cllm(cli_env, "info", str(path))
+    assert_one_line_error(proc, "info", EXPECT[name])
+    assert _listing(cases_root / f"info-{name}") == before
+
+
+def _assert_export_refused(
+    env: dict[str, str], path: Path, tmp_path: Path, expect: str
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "x.gguf"
+    proc = cllm(env, "export", str(path), "--to", "gguf", "-o", str(out))
+    assert_one_line_error(proc, "export", expect)
+    assert not out.exists()
+    assert list(out_dir.iterdir()) == [], "temporary files were left behind"
+
+
+@pytest.mark.parametrize("name", _params(sorted(MALFORMED)))
+def test_export_refuses(
+    bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    path, before = _build(MALFORMED[name], bad_sources, cases_root / f"export-{name}")
+    _assert_export_refused(cli_env, path, tmp_path, EXPECT[name])
+    assert _listing(cases_root / f"export-{name}") == before
+
+
+@pytest.mark.parametrize("name", _params(sorted(NONFINITE)))
+def test_export_refuses_nonfinite(
+    bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    # the writer finds the NaN mid-file: the temporary file must be removed
+    path = NONFINITE[name](bad_sources, cases_root / f"export-{name}")
+    _assert_export_refused(cli_env, path, tmp_path, "non-finite")
+
+
+@pytest.mark.parametrize("name", _params(sorted(NONFINITE)))
+def test_eval_refuses_nonfinite_unless_allowed(
+    bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], eval_text: Path, name: str
+) -> None:
+    path = NONFINITE[name](bad_sources, cases_root / f"eval-{name}")
+    args = ["eval", str(path), "--text", str(eval_text), "--ctx", "32", "--chunks", "1"]
+    proc = cllm(cli_env, *args)
+    assert_one_line_error(proc, "eval", "non-finite")
+    assert "--allow-nonfinite" in proc.stderr
+
+    allowed = cllm(cli_env, *args, "--allow-nonfinite", "--json")
+    assert allowed.returncode != 2, allowed.stderr
+    assert "Traceback" not in allowed.stderr
