@@ -555,7 +555,7 @@ def _completion_class(shell: str) -> Any:
     try:  # Typer >= 0.2x vendors click; its registry is the one the CLI consults
         from typer._click import shell_completion
     except ImportError:  # pragma: no cover - older Typer on top of click
-        from click import shell_completion
+        from click import shell_completion  # type: ignore[no-redef]
     from typer.completion import completion_init
 
     completion_init()  # registers Typer's bash/zsh/fish classes

@@ -5,6 +5,7 @@ Importing this module must not import torch, transformers or onnxruntime.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 
@@ -78,6 +79,12 @@ app.command("export")(export_cmd)
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click's usage errors become one line and exit code 2."""
     command = typer.main.get_command(app)
+    if os.environ.get("_CLLM_COMPLETE"):
+        # add_completion=False leaves Typer's shell classes unregistered; the scripts in
+        # completions/ (python -m cllm.gen) call back here with _CLLM_COMPLETE=complete_<shell>.
+        from typer.completion import completion_init
+
+        completion_init()
     args = sys.argv[1:] if argv is None else argv
     try:
         rv = command.main(args=args, prog_name="cllm", standalone_mode=False)
@@ -90,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         msg = exc.format_message().rstrip(".")
         sys.stderr.write(f"{where}: error: {msg}. Run '{where} --help' for usage.\n")
         sys.exit(EXIT_USAGE)
-    except click_exc.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click_exc.Abort:
+    except typer.Abort:
         sys.stderr.write("cllm: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:

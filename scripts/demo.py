@@ -1,0 +1,76 @@
+"""`make demo`: the main job on the default model, as a user would run it from a shell.
+
+Converts the embedded SmolLM2-135M, writes Q8_0 and Q4_0 GGUFs, evaluates the base
+(torch) and each GGUF (llama.cpp) with KL divergence against the base, then prints
+one summary table. Set DEMO_CHUNKS to change how many 512-token chunks are scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+OUT = Path(os.environ.get("DEMO_OUT", "demo-out"))
+CHUNKS = os.environ.get("DEMO_CHUNKS", "8")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def cllm(*args: str) -> str:
+    cmd = ["cllm", *args]
+    err.print(f"[bold]$ {shlex.join(cmd)}[/bold]")
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-m", "cllm", *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        err.print(f"[red]failed with exit code {proc.returncode}[/red]")
+        sys.exit(proc.returncode)
+    err.print(f"  [dim]({time.time() - t:.1f} s)[/dim]")
+    return proc.stdout
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    print(cllm("info", "smollm2-135m", "--no-sparsity"), end="")
+    rows = []
+    base = json.loads(cllm("eval", "smollm2-135m", "--chunks", CHUNKS, "--json"))
+    base_info = json.loads(cllm("info", "smollm2-135m", "--no-sparsity", "--json"))
+    rows.append(("base (fp32 safetensors)", "torch", base_info, base))
+    for gtype in ("Q8_0", "Q4_0"):
+        path = cllm("export", "smollm2-135m", "--to", "gguf", "--gguf-type", gtype, "-o", str(OUT / f"smollm2-135m.{gtype}.gguf")).strip()
+        info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
+        res = json.loads(
+            cllm("eval", path, "--backend", "llama.cpp", "--kld-base", "smollm2-135m", "--chunks", CHUNKS, "--json")
+        )
+        rows.append((f"{gtype} GGUF", "llama.cpp", info, res))
+
+    proto = base["protocol"]
+    table = Table(
+        title="SmolLM2-135M-Instruct (base = its Q4_1 GGUF dequantized to fp32)",
+        caption=f"{proto['text']}, ctx {proto['ctx']}, {proto['chunks']} chunks, {proto['tokens_scored']} tokens scored (second half of each chunk)",
+    )
+    for col in ("model", "backend", "size", "bits/weight", "perplexity", "mean KLD", "KLD p99", "top-1 agree"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    for name, backend, info, res in rows:
+        k = res.get("kld")
+        table.add_row(
+            name,
+            backend,
+            f"{info['file_bytes'] / 1e6:.1f} MB",
+            f"{info['bits_per_weight']:.2f}",
+            f"{res['perplexity']:.3f} ± {res['perplexity_se']:.3f}",
+            f"{k['mean']:.5f}" if k else "-",
+            f"{k['p99']:.4f}" if k else "-",
+            f"{k['top1_agreement'] * 100:.1f}%" if k else "-",
+        )
+    Console(width=max(Console().width, 110)).print(table)
+
+
+if __name__ == "__main__":
+    main()
