@@ -43,10 +43,29 @@ def main() -> None:
     base_info = json.loads(cllm("info", "smollm2-135m", "--no-sparsity", "--json"))
     rows.append(("base (fp32 safetensors)", "torch", base_info, base))
     for gtype in ("Q8_0", "Q4_0"):
-        path = cllm("export", "smollm2-135m", "--to", "gguf", "--gguf-type", gtype, "-o", str(OUT / f"smollm2-135m.{gtype}.gguf")).strip()
+        path = cllm(
+            "export",
+            "smollm2-135m",
+            "--to",
+            "gguf",
+            "--gguf-type",
+            gtype,
+            "-o",
+            str(OUT / f"smollm2-135m.{gtype}.gguf"),
+        ).strip()
         info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
         res = json.loads(
-            cllm("eval", path, "--backend", "llama.cpp", "--kld-base", "smollm2-135m", "--chunks", CHUNKS, "--json")
+            cllm(
+                "eval",
+                path,
+                "--backend",
+                "llama.cpp",
+                "--kld-base",
+                "smollm2-135m",
+                "--chunks",
+                CHUNKS,
+                "--json",
+            )
         )
         rows.append((f"{gtype} GGUF", "llama.cpp", info, res))
 
@@ -55,7 +74,16 @@ def main() -> None:
         title="SmolLM2-135M-Instruct (base = its Q4_1 GGUF dequantized to fp32)",
         caption=f"{proto['text']}, ctx {proto['ctx']}, {proto['chunks']} chunks, {proto['tokens_scored']} tokens scored (second half of each chunk)",
     )
-    for col in ("model", "backend", "size", "bits/weight", "perplexity", "mean KLD", "KLD p99", "top-1 agree"):
+    for col in (
+        "model",
+        "backend",
+        "size",
+        "bits/weight",
+        "perplexity",
+        "mean KLD",
+        "KLD p99",
+        "top-1 agree",
+    ):
         table.add_column(col, justify="left" if col in ("model", "backend") else "right")
     for name, backend, info, res in rows:
         k = res.get("kld")

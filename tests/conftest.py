@@ -54,7 +54,9 @@ def smollm2() -> Path:
     return resolve("smollm2-135m")
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run the real `cllm` in a subprocess, as a shell pipeline would."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(

@@ -45,7 +45,11 @@ def test_usage_errors_are_one_line_exit_2(args: list[str], needle: str) -> None:
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("cllm") and ": error: " in lines[0] and needle.lower() in lines[0].lower()
+    assert (
+        lines[0].startswith("cllm")
+        and ": error: " in lines[0]
+        and needle.lower() in lines[0].lower()
+    )
     assert p.stdout == ""
 
 
@@ -58,16 +62,30 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
 
 def test_export_prints_only_the_path_and_is_make_friendly(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.gguf"
-    p = run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(out), env={"NO_COLOR": "1"})
+    p = run_cli(
+        "export",
+        str(tiny_model),
+        "--to",
+        "gguf",
+        "--gguf-type",
+        "Q8_0",
+        "-o",
+        str(out),
+        env={"NO_COLOR": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{out}\n"
     assert not ANSI.search(p.stderr)
     mtime = out.stat().st_mtime_ns
-    again = run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(out))
+    again = run_cli(
+        "export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(out)
+    )
     assert again.returncode == 0 and again.stdout == f"{out}\n"
     assert "up to date" in again.stderr
     assert out.stat().st_mtime_ns == mtime
-    forced = run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(out), "--force")
+    forced = run_cli(
+        "export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(out), "--force"
+    )
     assert forced.returncode == 0 and out.stat().st_mtime_ns != mtime
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary files left
 
@@ -85,10 +103,16 @@ def test_default_output_name_is_deterministic(tiny_model: Path, tmp_path: Path) 
 
 def test_json_records_and_stdin_pipe(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "one.safetensors"
-    p = run_cli("--json", "export", str(tiny_model), "--to", "safetensors", "--single-file", "-o", str(out))
+    p = run_cli(
+        "--json", "export", str(tiny_model), "--to", "safetensors", "--single-file", "-o", str(out)
+    )
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
-    assert record["path"] == str(out) and record["format"] == "safetensors" and record["op"] == "export"
+    assert (
+        record["path"] == str(out)
+        and record["format"] == "safetensors"
+        and record["op"] == "export"
+    )
     assert record["bytes"] == out.stat().st_size and len(record["sha256"]) == 64
     assert record["params"] == {"to": "safetensors", "single_file": True, "dtype": None}
     # a JSON record on stdin is accepted as the checkpoint argument
@@ -102,14 +126,18 @@ def test_json_records_and_stdin_pipe(tiny_model: Path, tmp_path: Path) -> None:
     assert json.loads(plain.stdout)["sparsity"] == 0.0
 
 
-def test_pipeline_export_then_eval_with_kld(tiny_model: Path, tiny_text: Path, tmp_path: Path) -> None:
+def test_pipeline_export_then_eval_with_kld(
+    tiny_model: Path, tiny_text: Path, tmp_path: Path
+) -> None:
     env = {**os.environ, "NO_COLOR": "1"}
     cmd = (
         f"{sys.executable} -m cllm export {tiny_model} --to gguf --gguf-type Q8_0 -o {tmp_path / 'q.gguf'}"
         f" | {sys.executable} -m cllm eval - --backend llama.cpp --text {tiny_text} --ctx 64 --chunks 2"
         f" --kld-base {tiny_model} --json"
     )
-    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["backend"] == "llama.cpp" and res["kld"]["mean"] > 0
@@ -130,7 +158,9 @@ def test_quality_gates_exit_3(tiny_model: Path, tiny_text: Path) -> None:
 def test_provenance_chain_through_formats(tiny_model: Path, tmp_path: Path) -> None:
     g = tmp_path / "a.gguf"
     s = tmp_path / "b.safetensors"
-    run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", "F16", "-o", str(g), check=True)
+    run_cli(
+        "export", str(tiny_model), "--to", "gguf", "--gguf-type", "F16", "-o", str(g), check=True
+    )
     run_cli("export", str(g), "--to", "safetensors", "--single-file", "-o", str(s), check=True)
     rep = json.loads(run_cli("info", str(s), "--json", "--no-sparsity", check=True).stdout)
     chain = rep["provenance"]
@@ -138,13 +168,15 @@ def test_provenance_chain_through_formats(tiny_model: Path, tmp_path: Path) -> N
     from cllm.formats.hashing import file_sha256
 
     assert chain[0]["parent_sha256"] == file_sha256(g)
-    assert rep["types"]["F16"]["tensors"] == 16  # F16 came through as stored (converted back to F16)
+    assert (
+        rep["types"]["F16"]["tensors"] == 16
+    )  # F16 came through as stored (converted back to F16)
 
 
 def test_failed_write_leaves_nothing(tiny_model: Path, tmp_path: Path) -> None:
     from cllm.formats.checkpoint import open_checkpoint
-    from cllm.formats.save import plan_tensors, save_single_file
     from cllm.formats.safetensors_io import PlannedTensor
+    from cllm.formats.save import plan_tensors, save_single_file
 
     ckpt = open_checkpoint(tiny_model)
     plans = plan_tensors(ckpt)

@@ -71,7 +71,9 @@ def test_perplexity_matches_a_direct_computation(tiny_model: Path, tiny_text: Pa
 
 def test_kld_of_a_model_against_itself_is_zero(tiny_model: Path, tiny_text: Path) -> None:
     ckpt = open_checkpoint(tiny_model)
-    res = run_eval(ckpt, EvalConfig(text=str(tiny_text), ctx=CTX, chunks=4), kld_base=ckpt, use_cache=False)
+    res = run_eval(
+        ckpt, EvalConfig(text=str(tiny_text), ctx=CTX, chunks=4), kld_base=ckpt, use_cache=False
+    )
     assert res.kld is not None
     assert res.kld.mean == 0.0
     assert res.kld.max == 0.0
@@ -79,17 +81,24 @@ def test_kld_of_a_model_against_itself_is_zero(tiny_model: Path, tiny_text: Path
     assert res.base_perplexity == pytest.approx(res.perplexity, rel=1e-9)
 
 
-def test_torch_and_llamacpp_agree_on_f32(tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path) -> None:
+def test_torch_and_llamacpp_agree_on_f32(
+    tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path
+) -> None:
     cfg = dict(text=str(tiny_text), ctx=CTX, chunks=8, threads=2)
     t = run_eval(open_checkpoint(tiny_model), EvalConfig(backend="torch", **cfg))
     g = run_eval(open_checkpoint(tiny_ggufs["F32"]), EvalConfig(backend="llama.cpp", **cfg))
     assert g.perplexity == pytest.approx(t.perplexity, rel=0.01)
 
 
-def test_kld_orders_quantization_types(tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path) -> None:
+def test_kld_orders_quantization_types(
+    tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path
+) -> None:
     base = open_checkpoint(tiny_model)
     cfg = dict(text=str(tiny_text), ctx=CTX, chunks=6, threads=2, backend="llama.cpp")
-    res = {t: run_eval(open_checkpoint(p), EvalConfig(**cfg), kld_base=base) for t, p in tiny_ggufs.items()}
+    res = {
+        t: run_eval(open_checkpoint(p), EvalConfig(**cfg), kld_base=base)
+        for t, p in tiny_ggufs.items()
+    }
     klds = {t: r.kld.mean for t, r in res.items() if r.kld is not None}
     assert klds["F32"] < klds["Q8_0"] < klds["Q4_0"]
     assert klds["F32"] < 1e-4
@@ -97,7 +106,9 @@ def test_kld_orders_quantization_types(tiny_model: Path, tiny_ggufs: dict[str, P
     assert res["Q4_0"].kld is not None and res["Q4_0"].kld.p99 >= res["Q4_0"].kld.median
 
 
-def test_base_logprobs_are_cached_and_reused(tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path) -> None:
+def test_base_logprobs_are_cached_and_reused(
+    tiny_model: Path, tiny_ggufs: dict[str, Path], tiny_text: Path
+) -> None:
     base = open_checkpoint(tiny_model)
     model = open_checkpoint(tiny_ggufs["Q8_0"])
     cfg = EvalConfig(text=str(tiny_text), ctx=CTX, chunks=2, backend="torch")
@@ -122,7 +133,9 @@ def test_base_logprobs_are_cached_and_reused(tiny_model: Path, tiny_ggufs: dict[
     assert float(kld.mean()) == pytest.approx(first.kld.mean, rel=1e-6)
 
 
-def test_different_tokenizers_are_refused(tiny_model: Path, tiny_text: Path, smollm2_free_tmp: Path) -> None:
+def test_different_tokenizers_are_refused(
+    tiny_model: Path, tiny_text: Path, smollm2_free_tmp: Path
+) -> None:
     """KLD needs identical token streams; a base with another vocabulary is rejected up front."""
     from cllm.testing.tiny import save_tiny_llama
 
@@ -131,7 +144,11 @@ def test_different_tokenizers_are_refused(tiny_model: Path, tiny_text: Path, smo
     spec["model"]["merges"] = spec["model"]["merges"][:2]  # same vocabulary, fewer merges
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(InputError, match="tokenize the text differently"):
-        run_eval(open_checkpoint(tiny_model), EvalConfig(text=str(tiny_text), ctx=CTX, chunks=1), kld_base=open_checkpoint(other))
+        run_eval(
+            open_checkpoint(tiny_model),
+            EvalConfig(text=str(tiny_text), ctx=CTX, chunks=1),
+            kld_base=open_checkpoint(other),
+        )
 
 
 @pytest.fixture

@@ -56,7 +56,9 @@ def test_hf_folder_roundtrip_loads_in_transformers(tiny_model: Path, tmp_path: P
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model)
-    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), ref.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(
+        model.state_dict().items(), ref.state_dict().items(), strict=True
+    ):
         assert n1 == n2
         assert torch.equal(p1, p2.to(torch.bfloat16)), n1
 
@@ -69,7 +71,14 @@ def test_gguf_f32_roundtrip_is_exact(tiny_model: Path, gguf_files: dict[str, Pat
     for name in src.tensor_infos():
         # q/k rows are permuted for llama.cpp's rope layout on the way in and back on the way out
         assert torch.equal(back.get(name), src.get(name)), name
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "intermediate_size",
+    ):
         assert back.config[key] == src.config[key], key
     assert back.config["tie_word_embeddings"] is False
 
@@ -94,7 +103,9 @@ def _block_bound(w: np.ndarray, qtype: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
-def test_gguf_quantized_within_block_error_bound(tiny_model: Path, gguf_files: dict[str, Path], qtype: str) -> None:
+def test_gguf_quantized_within_block_error_bound(
+    tiny_model: Path, gguf_files: dict[str, Path], qtype: str
+) -> None:
     src = open_checkpoint(tiny_model)
     back = open_checkpoint(gguf_files[qtype])
     infos = back.tensor_infos()
@@ -112,7 +123,9 @@ def test_gguf_quantized_within_block_error_bound(tiny_model: Path, gguf_files: d
 
 
 @pytest.mark.parametrize("ftype,rel", [("F16", 2**-11), ("BF16", 2**-8)])
-def test_gguf_float_types_within_rounding(tiny_model: Path, gguf_files: dict[str, Path], ftype: str, rel: float) -> None:
+def test_gguf_float_types_within_rounding(
+    tiny_model: Path, gguf_files: dict[str, Path], ftype: str, rel: float
+) -> None:
     src = open_checkpoint(tiny_model)
     back = open_checkpoint(gguf_files[ftype])
     for name, info in back.tensor_infos().items():
@@ -139,18 +152,28 @@ def test_gguf_bytes_match_gguf_quants(tiny_model: Path, gguf_files: dict[str, Pa
     assert np.array_equal(got.reshape(want.shape), want)
 
 
-def test_gguf_to_safetensors_to_gguf_keeps_tokenizer(gguf_files: dict[str, Path], tmp_path: Path) -> None:
+def test_gguf_to_safetensors_to_gguf_keeps_tokenizer(
+    gguf_files: dict[str, Path], tmp_path: Path
+) -> None:
     from gguf import GGUFReader
 
     first = open_checkpoint(gguf_files["F32"])
     mid = tmp_path / "mid.safetensors"
-    save_single_file(mid, first.config, plan_tensors(first), first.tokenizer_dir(), _prov(), first.gguf_kv)
+    save_single_file(
+        mid, first.config, plan_tensors(first), first.tokenizer_dir(), _prov(), first.gguf_kv
+    )
     again = tmp_path / "again.gguf"
     save_gguf(again, open_checkpoint(mid), "F32", _prov())
     a, b = GGUFReader(gguf_files["F32"]), GGUFReader(again)
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.model", "tokenizer.ggml.pre"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+    ):
         assert a.fields[key].contents() == b.fields[key].contents(), key
-    for ta, tb in zip(a.tensors, b.tensors):
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
         assert ta.name == tb.name
         assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
 
@@ -158,7 +181,13 @@ def test_gguf_to_safetensors_to_gguf_keeps_tokenizer(gguf_files: dict[str, Path]
 def test_row_length_not_multiple_of_block_falls_back(tmp_path: Path) -> None:
     from cllm.testing.tiny import save_tiny_llama
 
-    folder = save_tiny_llama(tmp_path / "odd", hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
+    folder = save_tiny_llama(
+        tmp_path / "odd",
+        hidden_size=48,
+        intermediate_size=80,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     out = tmp_path / "odd.gguf"
     counts = save_gguf(out, open_checkpoint(folder), "Q4_0", _prov())
     assert counts.get("F16", 0) > 0  # rows of 48 or 80 cannot hold 32-blocks: written as F16
@@ -166,7 +195,9 @@ def test_row_length_not_multiple_of_block_falls_back(tmp_path: Path) -> None:
     assert {i.dtype for i in back.tensor_infos().values()} <= {"F16", "F32", "Q4_0"}
 
 
-def test_llama_cpp_loads_every_written_type(tiny_model: Path, gguf_files: dict[str, Path], tiny_text: Path) -> None:
+def test_llama_cpp_loads_every_written_type(
+    tiny_model: Path, gguf_files: dict[str, Path], tiny_text: Path
+) -> None:
     from cllm.core.eval.backends import LlamaCppBackend, TorchBackend
 
     ids = np.arange(10, 74) % 256

@@ -57,11 +57,19 @@ def _version(value: bool) -> None:
 @app.callback()
 def _global(
     json_: bool = typer.Option(False, "--json", help="Machine-readable output (NDJSON) on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs or progress on stderr, only errors."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr (repeatable)."),
-    color: Color = typer.Option(Color.auto, "--color", help="Colour on stderr: auto (honours NO_COLOR), always, never."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No logs or progress on stderr, only errors."
+    ),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More detail on stderr (repeatable)."
+    ),
+    color: Color = typer.Option(
+        Color.auto, "--color", help="Colour on stderr: auto (honours NO_COLOR), always, never."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also CLLM_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Global options; they go before the command name."""
     STATE.json = json_

@@ -51,7 +51,9 @@ def _no_color() -> bool:
 def err_console() -> Console:
     """Logs, warnings and progress: always stderr, colour only when allowed."""
     force = True if STATE.color == "always" else None
-    return Console(stderr=True, no_color=_no_color(), force_terminal=force, highlight=False, soft_wrap=True)
+    return Console(
+        stderr=True, no_color=_no_color(), force_terminal=force, highlight=False, soft_wrap=True
+    )
 
 
 def out_console() -> Console:
@@ -104,7 +106,9 @@ def use_json(local: bool) -> bool:
     return local or STATE.json
 
 
-def emit_artifact(path: Path, fmt: str, op: str, params: dict[str, Any], parent: str | None, as_json: bool) -> None:
+def emit_artifact(
+    path: Path, fmt: str, op: str, params: dict[str, Any], parent: str | None, as_json: bool
+) -> None:
     """stdout gets data only: the artifact's path, or one NDJSON record."""
     path = Path(path)
     if as_json:
@@ -168,14 +172,20 @@ def handle_errors(cmd: str) -> Callable[[F], F]:
             except Exception as exc:  # noqa: BLE001 - last line of defence: never a bare traceback
                 if debug_enabled():
                     raise
-                fail(cmd, f"unexpected {type(exc).__name__}: {exc}. Re-run with --debug for a traceback and report it.", 1)
+                fail(
+                    cmd,
+                    f"unexpected {type(exc).__name__}: {exc}. Re-run with --debug for a traceback and report it.",
+                    1,
+                )
 
         return wrapper  # type: ignore[return-value]
 
     return deco
 
 
-def default_output(spec_path: Path, is_alias: bool, alias: str, op: str, digest: str, ext: str) -> Path:
+def default_output(
+    spec_path: Path, is_alias: bool, alias: str, op: str, digest: str, ext: str
+) -> Path:
     """`<stem>.<op>-<hash>.<ext>` beside the input (in the current folder for an alias)."""
     if is_alias:
         return Path.cwd() / f"{alias}.{op}-{digest[:8]}{ext}"

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, log, out_console, progress, use_json
+from cllm.cli._common import (
+    JSON_OPTION,
+    emit_json,
+    handle_errors,
+    log,
+    out_console,
+    progress,
+    use_json,
+)
 from cllm.errors import CheckFailed
 
 
@@ -18,17 +26,38 @@ class BackendName(str, Enum):
 
 def eval_cmd(
     checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
-    backend: BackendName = typer.Option(BackendName.torch, "--backend", "-b", help="torch (dequantized weights) or llama.cpp (the GGUF's own kernels)."),
-    text: Path = typer.Option(None, "--text", help="Evaluation text [default: $CLLM_DATA_DIR/wikitext-2/wiki.test.raw]."),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
-    chunks: int = typer.Option(None, "--chunks", "-n", help="Score only the first N chunks [default: all]."),
-    kld_base: str = typer.Option(None, "--kld-base", help="Base checkpoint for KL divergence and top-1 agreement."),
-    base_backend: BackendName = typer.Option(BackendName.torch, "--base-backend", help="Backend that computes the base's logits."),
+    backend: BackendName = typer.Option(
+        BackendName.torch,
+        "--backend",
+        "-b",
+        help="torch (dequantized weights) or llama.cpp (the GGUF's own kernels).",
+    ),
+    text: Path = typer.Option(
+        None, "--text", help="Evaluation text [default: $CLLM_DATA_DIR/wikitext-2/wiki.test.raw]."
+    ),
+    ctx: int = typer.Option(
+        512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."
+    ),
+    chunks: int = typer.Option(
+        None, "--chunks", "-n", help="Score only the first N chunks [default: all]."
+    ),
+    kld_base: str = typer.Option(
+        None, "--kld-base", help="Base checkpoint for KL divergence and top-1 agreement."
+    ),
+    base_backend: BackendName = typer.Option(
+        BackendName.torch, "--base-backend", help="Backend that computes the base's logits."
+    ),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]."),
-    fail_under: float = typer.Option(None, "--fail-under", help="Exit 3 if perplexity is above this (a quality gate)."),
+    fail_under: float = typer.Option(
+        None, "--fail-under", help="Exit 3 if perplexity is above this (a quality gate)."
+    ),
     max_kld: float = typer.Option(None, "--max-kld", help="Exit 3 if mean KLD is above this."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the base logits cache."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Evaluate even if weights hold NaN or inf."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Do not read or write the base logits cache."
+    ),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Evaluate even if weights hold NaN or inf."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Perplexity on WikiText-2 (pinned protocol) and KL divergence against a base.

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from cllm.cli._common import JSON_OPTION, default_output, emit_artifact, handle_errors, log, progress, use_json, warn
+from cllm.cli._common import (
+    JSON_OPTION,
+    default_output,
+    emit_artifact,
+    handle_errors,
+    log,
+    progress,
+    use_json,
+    warn,
+)
 from cllm.errors import UsageError
 
 
@@ -19,12 +28,27 @@ class Target(str, Enum):
 def export_cmd(
     checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
     to: Target = typer.Option(..., "--to", help="Output format."),
-    gguf_type: str = typer.Option("F16", "--gguf-type", help="GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1."),
-    single_file: bool = typer.Option(False, "--single-file", help="safetensors: one file embedding config and tokenizer."),
-    dtype: str = typer.Option(None, "--dtype", help="safetensors: cast float tensors to F32, F16 or BF16."),
-    output: Path = typer.Option(None, "--output", "-o", help="Output path [default: <stem>.export-<hash>.<ext> beside the input]."),
-    force: bool = typer.Option(False, "--force", "-f", help="Redo the work even if an identical output exists."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned output path and exit."),
+    gguf_type: str = typer.Option(
+        "F16", "--gguf-type", help="GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1."
+    ),
+    single_file: bool = typer.Option(
+        False, "--single-file", help="safetensors: one file embedding config and tokenizer."
+    ),
+    dtype: str = typer.Option(
+        None, "--dtype", help="safetensors: cast float tensors to F32, F16 or BF16."
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Output path [default: <stem>.export-<hash>.<ext> beside the input].",
+    ),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Redo the work even if an identical output exists."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the planned output path and exit."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Convert a checkpoint to GGUF (llama.cpp) or safetensors.
@@ -38,7 +62,9 @@ def export_cmd(
 
         cllm export model.gguf --to safetensors --single-file -o model.safetensors
     """
-    _export(checkpoint, to.value, gguf_type.upper(), single_file, dtype, output, force, dry_run, as_json)
+    _export(
+        checkpoint, to.value, gguf_type.upper(), single_file, dtype, output, force, dry_run, as_json
+    )
 
 
 @handle_errors("export")
@@ -64,12 +90,16 @@ def _export(
             raise UsageError("--single-file and --dtype apply to --to safetensors only")
         cfg = GGUFExportConfig(gguf_type=gguf_type)
     else:
-        cfg = SafetensorsExportConfig(single_file=single_file, dtype=dtype.upper() if dtype else None)
+        cfg = SafetensorsExportConfig(
+            single_file=single_file, dtype=dtype.upper() if dtype else None
+        )
     cfg.validate()
     ckpt, spec = open_spec(checkpoint)
     params = cfg.to_dict()
     pid = provenance_id(ckpt.sha256, "export", params)
-    out = output or default_output(spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension)
+    out = output or default_output(
+        spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension
+    )
     if dry_run:
         emit_artifact_plan(out)
         return
@@ -92,7 +122,9 @@ def _export(
     if to == "gguf" and types:
         fallback = {k: v for k, v in types.items() if k not in (gguf_type, "F32")}
         if fallback:
-            warn(f"some tensors could not use {gguf_type} (row length not a multiple of its block): {fallback}")
+            warn(
+                f"some tensors could not use {gguf_type} (row length not a multiple of its block): {fallback}"
+            )
         log("tensor types: " + ", ".join(f"{k} {v}" for k, v in types.items()), level=1)
     emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
 

@@ -16,8 +16,12 @@ def _human_bytes(n: float) -> str:
 
 
 def info(
-    checkpoint: str = typer.Argument(..., help="Model path (.safetensors, .gguf, HF folder), alias, or '-' for stdin."),
-    sparsity: bool = typer.Option(True, "--sparsity/--no-sparsity", help="Count exact zeros (reads every tensor)."),
+    checkpoint: str = typer.Argument(
+        ..., help="Model path (.safetensors, .gguf, HF folder), alias, or '-' for stdin."
+    ),
+    sparsity: bool = typer.Option(
+        True, "--sparsity/--no-sparsity", help="Count exact zeros (reads every tensor)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show architecture, size, storage types, bits per weight, sparsity and provenance.
@@ -61,7 +65,12 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
         ("parameters", f"{report.params:,}"),
         ("file size", f"{_human_bytes(report.file_bytes)} ({report.file_bytes:,} B)"),
         ("bits/weight", f"{report.bits_per_weight:.3f}"),
-        ("sparsity", "not measured" if report.sparsity is None else f"{report.sparsity * 100:.2f}% exact zeros"),
+        (
+            "sparsity",
+            "not measured"
+            if report.sparsity is None
+            else f"{report.sparsity * 100:.2f}% exact zeros",
+        ),
         ("sha256", str(report.sha256)),
     ]
     for k, v in rows:

@@ -33,7 +33,9 @@ class GGUFExportConfig:
         if self.gguf_type not in WRITABLE_TYPES:
             raise UsageError(
                 f"--gguf-type {self.gguf_type} is not one cllm export writes",
-                "Choose one of " + ", ".join(WRITABLE_TYPES) + " (K-quants come with `cllm quantize`)",
+                "Choose one of "
+                + ", ".join(WRITABLE_TYPES)
+                + " (K-quants come with `cllm quantize`)",
             )
 
 
@@ -58,7 +60,13 @@ ExportConfig = GGUFExportConfig | SafetensorsExportConfig
 Progress = Callable[[str], None]
 
 
-def _export_gguf(ckpt: Checkpoint, cfg: GGUFExportConfig, out: Path, prov: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+def _export_gguf(
+    ckpt: Checkpoint,
+    cfg: GGUFExportConfig,
+    out: Path,
+    prov: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
     from cllm.formats.save import save_gguf
 
     counts = save_gguf(out, ckpt, cfg.gguf_type, prov, progress)
@@ -66,7 +74,11 @@ def _export_gguf(ckpt: Checkpoint, cfg: GGUFExportConfig, out: Path, prov: dict[
 
 
 def _export_safetensors(
-    ckpt: Checkpoint, cfg: SafetensorsExportConfig, out: Path, prov: dict[str, Any], progress: Progress | None
+    ckpt: Checkpoint,
+    cfg: SafetensorsExportConfig,
+    out: Path,
+    prov: dict[str, Any],
+    progress: Progress | None,
 ) -> dict[str, Any]:
     from cllm.formats.save import plan_tensors, save_hf_folder, save_single_file
 
@@ -82,6 +94,12 @@ EXPORTERS: dict[type, Callable[..., dict[str, Any]]] = {
 }
 
 
-def export(ckpt: Checkpoint, cfg: ExportConfig, out: Path, provenance: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+def export(
+    ckpt: Checkpoint,
+    cfg: ExportConfig,
+    out: Path,
+    provenance: dict[str, Any],
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     cfg.validate()
     return EXPORTERS[type(cfg)](ckpt, cfg, out, provenance, progress)

@@ -84,7 +84,10 @@ def inspect_checkpoint(
         sha256=ckpt.sha256 if with_hash else None,
         provenance=[
             {k: p.get(k) for k in ("op", "params", "created", "command", "calibration", "seed")}
-            | {"parent_sha256": (p.get("parent") or {}).get("sha256"), "versions": p.get("versions")}
+            | {
+                "parent_sha256": (p.get("parent") or {}).get("sha256"),
+                "versions": p.get("versions"),
+            }
             for p in chain(ckpt.provenance)
         ],
     )

@@ -40,10 +40,14 @@ def source_path(name: str) -> Path:
     alias = ALIASES[name]
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"model alias '{name}' needs the package {alias.package}", f"Install it: {alias.pip}")
+        raise InputError(
+            f"model alias '{name}' needs the package {alias.package}", f"Install it: {alias.pip}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
     if not path.exists():
-        raise InputError(f"{alias.package} is installed but lacks {alias.filename}", f"Reinstall it: {alias.pip}")
+        raise InputError(
+            f"{alias.package} is installed but lacks {alias.filename}", f"Reinstall it: {alias.pip}"
+        )
     return path
 
 
@@ -70,5 +74,7 @@ def resolve(name: str) -> Path:
         parent_path=str(src),
         command=["cllm", "(alias conversion)", name],
     )
-    save_hf_folder(target, ckpt.config, plan_tensors(ckpt, "F32"), ckpt.tokenizer_dir(), prov, ckpt.gguf_kv)
+    save_hf_folder(
+        target, ckpt.config, plan_tensors(ckpt, "F32"), ckpt.tokenizer_dir(), prov, ckpt.gguf_kv
+    )
     return target

@@ -135,13 +135,19 @@ def spec_for_config(config: dict[str, Any]) -> ArchSpec:
 
 
 # -- hyperparameters --------------------------------------------------------
-def llama_config_from_gguf(kv: Callable[[str, Any], Any], arch: str, n_vocab: int) -> dict[str, Any]:
+def llama_config_from_gguf(
+    kv: Callable[[str, Any], Any], arch: str, n_vocab: int
+) -> dict[str, Any]:
     """transformers LlamaConfig kwargs from GGUF keys (kv(name, default))."""
     hidden = int(kv(f"{arch}.embedding_length", 0))
     heads = int(kv(f"{arch}.attention.head_count", 0))
     if not hidden or not heads:
         raise InputError("GGUF file lacks embedding_length or attention.head_count")
-    head_dim = int(kv(f"{arch}.attention.key_length", 0) or kv(f"{arch}.rope.dimension_count", 0) or hidden // heads)
+    head_dim = int(
+        kv(f"{arch}.attention.key_length", 0)
+        or kv(f"{arch}.rope.dimension_count", 0)
+        or hidden // heads
+    )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -168,6 +174,8 @@ def llama_expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Shapes transformers will expect for each llama tensor, from config alone."""
     h = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
+    if h <= 0 or heads <= 0:
+        raise ValueError(f"hidden_size {h} and num_attention_heads {heads} must be positive")
     kvh = int(config.get("num_key_value_heads") or heads)
     hd = int(config.get("head_dim") or h // heads)
     inter = int(config["intermediate_size"])
@@ -206,7 +214,7 @@ def check_shapes(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], whe
     try:
         expected = llama_expected_shapes(config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{where}: config is missing a field ({exc})") from exc
+        raise InputError(f"{where}: config is missing a field or has a bad value ({exc})") from exc
     required = [n for n in expected if not n.endswith(".bias") and n != "lm_head.weight"]
     for name in required:
         if name not in shapes:

@@ -117,7 +117,9 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception on malformed files
-        raise InputError(f"cannot load the tokenizer in {folder}: {exc}", "Check tokenizer.json") from exc
+        raise InputError(
+            f"cannot load the tokenizer in {folder}: {exc}", "Check tokenizer.json"
+        ) from exc
 
 
 def read_json_file(path: Path, what: str) -> dict[str, Any]:
@@ -136,14 +138,16 @@ def parse_stdin_spec(line: str) -> str:
     """A '-' argument: one line from stdin holding a path or a JSON record with a "path"."""
     text = line.strip()
     if not text:
-        raise InputError("'-' was given but stdin was empty", "Pipe a checkpoint path into the command")
+        raise InputError(
+            "'-' was given but stdin was empty", "Pipe a checkpoint path into the command"
+        )
     if text.startswith("{"):
         try:
             record = json.loads(text)
         except ValueError as exc:
             raise InputError(f"stdin held invalid JSON: {exc}") from exc
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-            raise InputError("the JSON record on stdin has no \"path\" field")
+            raise InputError('the JSON record on stdin has no "path" field')
         return str(record["path"])
     return text
 

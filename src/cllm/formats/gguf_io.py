@@ -9,6 +9,7 @@ needs, so the file loads in llama.cpp.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cllm.errors import InputError, UsageError
-from cllm.formats.arch import ArchSpec, check_shapes, llama_config_from_gguf, spec_for_config, spec_for_gguf
+from cllm.formats.arch import (
+    ArchSpec,
+    check_shapes,
+    llama_config_from_gguf,
+    spec_for_config,
+    spec_for_gguf,
+)
 from cllm.formats.checkpoint import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
@@ -39,19 +46,31 @@ CARRIED_KEYS = (
 # types gguf-py can quantize in numpy, that cllm therefore writes itself
 WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _MAX_DIMS = 4
 
 
 class _Cursor:
     """Bounds-checked reads over the file bytes, so a lying header gives a clear error."""
 
-    def __init__(self, buf: memoryview, path: Path) -> None:
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
         self.buf = buf
         self.pos = 0
         self.path = path
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
             raise InputError(
                 f"{self.path}: {what} runs past the end of the file (needs {n} bytes at offset {self.pos}, file has {len(self.buf)})",
@@ -75,13 +94,11 @@ class _Cursor:
 
 def validate_gguf(path: Path) -> None:
     """Walk the whole GGUF header with bounds checks before gguf-py touches it."""
-    import mmap
-
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the `with fh` below
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     with fh:
@@ -90,13 +107,17 @@ def validate_gguf(path: Path) -> None:
             raise InputError(f"{path} is truncated: {size} bytes, shorter than a GGUF header")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            cur = _Cursor(memoryview(mm), path)
+            # slicing an mmap copies, so no buffer export outlives an error and close() works
+            cur = _Cursor(mm, path)
             magic = bytes(cur.take(4, "magic"))
             if magic != b"GGUF":
                 raise InputError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
             version = cur.unpack("<I", "version")
             if version not in (2, 3):
-                raise InputError(f"{path}: GGUF version {version} is not supported", "cllm reads GGUF versions 2 and 3")
+                raise InputError(
+                    f"{path}: GGUF version {version} is not supported",
+                    "cllm reads GGUF versions 2 and 3",
+                )
             n_tensors = cur.unpack("<Q", "tensor count")
             n_kv = cur.unpack("<Q", "key/value count")
             # every tensor info needs at least 8+4+8+4+8 bytes, every kv at least 8+4+1
@@ -132,7 +153,9 @@ def validate_gguf(path: Path) -> None:
                         "The file may come from a newer llama.cpp than this gguf library knows",
                     ) from None
                 if dims[0] % block:
-                    raise InputError(f"{path}: tensor {name} row length {dims[0]} is not a multiple of {qtype.name}'s block {block}")
+                    raise InputError(
+                        f"{path}: tensor {name} row length {dims[0]} is not a multiple of {qtype.name}'s block {block}"
+                    )
                 numel = 1
                 for d in dims:
                     numel *= d
@@ -147,7 +170,7 @@ def validate_gguf(path: Path) -> None:
                     )
                 spans.append((offset, offset + nbytes, name))
             spans.sort()
-            for (_, a_end, a), (b_begin, _, b) in zip(spans, spans[1:]):
+            for (_, a_end, a), (b_begin, _, b) in zip(spans, spans[1:], strict=False):
                 if b_begin < a_end:
                     raise InputError(f"{path}: tensors {a} and {b} overlap", "The file is corrupt")
         finally:
@@ -167,7 +190,9 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> Any:
             cur.take(count * struct.calcsize(_SCALAR[etype]), f"array {key} ({count} elements)")
         elif etype == 8:
             if count * 8 > len(cur.buf):
-                raise InputError(f"{cur.path}: array {key} claims {count} strings, more than the file can hold")
+                raise InputError(
+                    f"{cur.path}: array {key} claims {count} strings, more than the file can hold"
+                )
             for _ in range(count):
                 n = cur.unpack("<Q", f"a string in array {key}")
                 cur.take(n, f"a string of {n} bytes in array {key}")
@@ -197,12 +222,20 @@ class GGUFCheckpoint(Checkpoint):
             if hf is None:
                 if t.name in self.spec.ignored_gguf:
                     continue
-                raise InputError(f"{self.path}: tensor {t.name} has no known transformers name for {self.gguf_arch}")
+                raise InputError(
+                    f"{self.path}: tensor {t.name} has no known transformers name for {self.gguf_arch}"
+                )
             self._names[hf] = t
-        n_vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in self.reader.fields else 0
+        n_vocab = (
+            len(self.reader.fields["tokenizer.ggml.tokens"].data)
+            if "tokenizer.ggml.tokens" in self.reader.fields
+            else 0
+        )
         self._config = llama_config_from_gguf(self.kv, self.gguf_arch, n_vocab)
         self._config["tie_word_embeddings"] = "lm_head.weight" not in self._names
-        check_shapes(self._config, {n: i.shape for n, i in self.tensor_infos().items()}, str(self.path))
+        check_shapes(
+            self._config, {n: i.shape for n, i in self.tensor_infos().items()}, str(self.path)
+        )
 
     def kv(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)
@@ -264,7 +297,13 @@ class GGUFCheckpoint(Checkpoint):
         import hashlib
 
         h = hashlib.sha256()
-        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        for key in (
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+        ):
             f = self.reader.fields.get(key)
             h.update(key.encode() + b"\0")
             if f is not None:
@@ -288,7 +327,9 @@ class GGUFCheckpoint(Checkpoint):
             try:
                 tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             except Exception as exc:  # noqa: BLE001 - converter errors are not typed
-                raise InputError(f"{self.path}: its tokenizer could not be converted ({exc})") from exc
+                raise InputError(
+                    f"{self.path}: its tokenizer could not be converted ({exc})"
+                ) from exc
             tmp = target.with_name(target.name + ".partial")
             tok.save_pretrained(str(tmp))
             if not target.exists():
@@ -323,7 +364,9 @@ def qtype_for(name: str, shape: tuple[int, ...], want: str) -> str:
     return want
 
 
-def _tokenizer_fields(tokenizer_dir: Path, vocab_size: int, carried: dict[str, Any]) -> dict[str, Any]:
+def _tokenizer_fields(
+    tokenizer_dir: Path, vocab_size: int, carried: dict[str, Any]
+) -> dict[str, Any]:
     """GGUF tokenizer keys from an HF fast tokenizer (byte-level BPE, llama.cpp's 'gpt2' model)."""
     from cllm.formats.checkpoint import load_tokenizer
 
@@ -367,7 +410,11 @@ def _tokenizer_fields(tokenizer_dir: Path, vocab_size: int, carried: dict[str, A
     template = carried.get("tokenizer.chat_template") or getattr(tok, "chat_template", None)
     if isinstance(template, str):
         fields["tokenizer.chat_template"] = template
-    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"):
+    for key in (
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
+        "tokenizer.ggml.add_space_prefix",
+    ):
         if key in carried:
             fields[key] = bool(carried[key])
     return fields
@@ -391,7 +438,10 @@ def write_gguf(
     from gguf.quants import quant_shape_to_byte_shape, quantize
 
     if gguf_type not in WRITABLE_TYPES:
-        raise UsageError(f"GGUF type {gguf_type} cannot be written by cllm export", "Choose one of " + ", ".join(WRITABLE_TYPES))
+        raise UsageError(
+            f"GGUF type {gguf_type} cannot be written by cllm export",
+            "Choose one of " + ", ".join(WRITABLE_TYPES),
+        )
     spec = spec_for_config(config)
     plans = list(tensors)
     w = GGUFWriter(None, spec.gguf_arch)
@@ -413,7 +463,9 @@ def write_gguf(
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(config["vocab_size"]))
-    ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[gguf_type]
+    ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[
+        gguf_type
+    ]
     w.add_file_type(ftype)
     w.add_quantization_version(2)
     for key, value in _tokenizer_fields(tokenizer_dir, int(config["vocab_size"]), carried).items():
@@ -432,17 +484,25 @@ def write_gguf(
         counts[qt] = counts.get(qt, 0) + 1
         ordered.append((p, gname, qt))
         qtype = GGMLQuantizationType[qt]
-        nbytes = int(np.prod(quant_shape_to_byte_shape(p.shape, qtype))) if qt not in ("F32", "F16") else int(np.prod(p.shape)) * (4 if qt == "F32" else 2)
+        nbytes = (
+            int(np.prod(quant_shape_to_byte_shape(p.shape, qtype)))
+            if qt not in ("F32", "F16")
+            else int(np.prod(p.shape)) * (4 if qt == "F32" else 2)
+        )
         w.add_tensor_info(gname, list(p.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
     w.write_header_to_file(path=Path(path))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for p, gname, qt in ordered:
+    for p, _gname, qt in ordered:
         arr = np.asarray(p.produce(), dtype=np.float32)
         if tuple(arr.shape) != p.shape:
-            raise RuntimeError(f"tensor {p.hf_name}: produced {list(arr.shape)}, planned {list(p.shape)}")
+            raise RuntimeError(
+                f"tensor {p.hf_name}: produced {list(arr.shape)}, planned {list(p.shape)}"
+            )
         if not np.isfinite(arr).all():
-            raise InputError(f"tensor {p.hf_name} has non-finite values", "Refusing to write a broken model")
+            raise InputError(
+                f"tensor {p.hf_name} has non-finite values", "Refusing to write a broken model"
+            )
         arr = spec.to_gguf_rows(p.hf_name, arr, config)
         if qt == "F32":
             data = np.ascontiguousarray(arr)

@@ -37,7 +37,9 @@ def versions() -> dict[str, str | None]:
 
 
 def provenance_id(parent_sha256: str | None, op: str, params: dict[str, Any]) -> str:
-    blob = json.dumps({"parent": parent_sha256, "op": op, "params": params}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"parent": parent_sha256, "op": op, "params": params}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -59,7 +59,9 @@ def read_header(path: Path) -> Header:
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise InputError(f"{path} is truncated: {size} bytes, shorter than a safetensors header")
+                raise InputError(
+                    f"{path} is truncated: {size} bytes, shorter than a safetensors header"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise InputError(
@@ -74,7 +76,9 @@ def read_header(path: Path) -> Header:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: header is not valid JSON", "The file is corrupt or not safetensors") from exc
+        raise InputError(
+            f"{path}: header is not valid JSON", "The file is corrupt or not safetensors"
+        ) from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -89,7 +93,7 @@ def read_header(path: Path) -> Header:
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         off = entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise InputError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise InputError(f"{path}: tensor {name} has a malformed shape {shape!r}")
@@ -105,11 +109,13 @@ def read_header(path: Path) -> Header:
                 "The file is truncated or corrupt",
             )
         if end - begin != numel * DTYPE_SIZES[dtype]:
-            raise InputError(f"{path}: tensor {name} has {end - begin} bytes but its shape needs {numel * DTYPE_SIZES[dtype]}")
+            raise InputError(
+                f"{path}: tensor {name} has {end - begin} bytes but its shape needs {numel * DTYPE_SIZES[dtype]}"
+            )
         infos[name] = TensorInfo(name, tuple(shape), dtype, end - begin)
         offsets[name] = (begin, end)
     spans = sorted(offsets.items(), key=lambda kv: kv[1])
-    for (a, (_, a_end)), (b, (b_begin, _)) in zip(spans, spans[1:]):
+    for (a, (_, a_end)), (b, (b_begin, _)) in zip(spans, spans[1:], strict=False):
         if b_begin < a_end:
             raise InputError(f"{path}: tensors {a} and {b} overlap", "The file is corrupt")
     return Header(infos, offsets, dict(metadata), 8 + n)
@@ -146,7 +152,10 @@ class SafetensorsCheckpoint(Checkpoint):
             shards = sorted(folder.glob("*.safetensors"))
         if not shards:
             if list(folder.glob("*.bin")):
-                raise InputError(f"{folder} holds only pickled *.bin weights", "Convert them to safetensors first")
+                raise InputError(
+                    f"{folder} holds only pickled *.bin weights",
+                    "Convert them to safetensors first",
+                )
             raise InputError(f"{folder} has config.json but no *.safetensors weights")
         ckpt = cls(path=folder, shards=shards, folder=folder, _config=config)
         ckpt._load_headers()
@@ -161,6 +170,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 config = json.loads(header.metadata[META_CONFIG])
             except ValueError as exc:
                 raise InputError(f"{path}: embedded config is not valid JSON") from exc
+            if not isinstance(config, dict):
+                raise InputError(f"{path}: embedded config is not a JSON object")
             ckpt = cls(path=path, shards=[path], _config=config)
         elif (path.parent / "config.json").exists():
             return cls.from_folder(path.parent)
@@ -230,8 +241,14 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def tokenizer_dir(self) -> Path:
         if self.folder is not None:
-            if not (self.folder / "tokenizer.json").exists() and not (self.folder / "tokenizer_config.json").exists():
-                raise InputError(f"{self.folder} has no tokenizer files", "Copy the tokenizer files into the folder")
+            if (
+                not (self.folder / "tokenizer.json").exists()
+                and not (self.folder / "tokenizer_config.json").exists()
+            ):
+                raise InputError(
+                    f"{self.folder} has no tokenizer files",
+                    "Copy the tokenizer files into the folder",
+                )
             return self.folder
         raw = self._metadata.get(META_TOKENIZER)
         if not raw:
@@ -246,7 +263,9 @@ class SafetensorsCheckpoint(Checkpoint):
             tmp.mkdir(parents=True, exist_ok=True)
             for fname, content in files.items():
                 if "/" in fname or fname.startswith("."):
-                    raise InputError(f"{self.path}: embedded tokenizer file name {fname!r} is not allowed")
+                    raise InputError(
+                        f"{self.path}: embedded tokenizer file name {fname!r} is not allowed"
+                    )
                 (tmp / fname).write_text(content, encoding="utf-8")
             if not target.exists():
                 tmp.replace(target)
@@ -277,7 +296,9 @@ class PlannedTensor:
     produce: Callable[[], torch.Tensor]
 
 
-def write_safetensors_file(path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str]) -> None:
+def write_safetensors_file(
+    path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str]
+) -> None:
     """Write one safetensors file tensor by tensor, so peak memory is one tensor.
 
     The header is laid out from shapes and dtypes first; each tensor is then
@@ -293,7 +314,11 @@ def write_safetensors_file(path: Path, tensors: Iterable[PlannedTensor], metadat
         for d in t.shape:
             numel *= d
         size = numel * DTYPE_SIZES[t.dtype]
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * ((8 - len(raw) % 8) % 8)
@@ -304,8 +329,10 @@ def write_safetensors_file(path: Path, tensors: Iterable[PlannedTensor], metadat
             tensor = t.produce().contiguous()
             got = _TORCH_TO_ST.get(str(tensor.dtype))
             if tuple(tensor.shape) != t.shape or got != t.dtype:
-                raise RuntimeError(f"tensor {t.name}: produced {got}{list(tensor.shape)}, planned {t.dtype}{list(t.shape)}")
-            fh.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                raise RuntimeError(
+                    f"tensor {t.name}: produced {got}{list(tensor.shape)}, planned {t.dtype}{list(t.shape)}"
+                )
+            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def torch_dtype_name(dtype: Any) -> str:

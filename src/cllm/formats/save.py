@@ -28,7 +28,9 @@ Progress = Callable[[str], None]
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def plan_tensors(ckpt: Checkpoint, dtype: str | None = None, progress: Progress | None = None) -> list[PlannedTensor]:
+def plan_tensors(
+    ckpt: Checkpoint, dtype: str | None = None, progress: Progress | None = None
+) -> list[PlannedTensor]:
     """Plan every tensor of `ckpt` for a safetensors write.
 
     Quantized GGUF tensors become float32 (or `dtype`); float tensors keep their
@@ -40,7 +42,15 @@ def plan_tensors(ckpt: Checkpoint, dtype: str | None = None, progress: Progress 
     for name, info in ckpt.tensor_infos().items():
         if dtype is not None:
             target = dtype
-        elif info.dtype in FLOAT_DTYPES or info.dtype in ("I64", "I32", "I16", "I8", "U8", "BOOL", "F64"):
+        elif info.dtype in FLOAT_DTYPES or info.dtype in (
+            "I64",
+            "I32",
+            "I16",
+            "I8",
+            "U8",
+            "BOOL",
+            "F64",
+        ):
             target = info.dtype
         else:
             target = "F32"
@@ -63,11 +73,15 @@ def _tokenizer_files(tokenizer_dir: Path) -> dict[str, str]:
         if p.exists():
             out[fname] = p.read_text(encoding="utf-8")
     if "tokenizer.json" not in out:
-        raise UsageError(f"no tokenizer.json in {tokenizer_dir}", "Only fast tokenizers can be embedded")
+        raise UsageError(
+            f"no tokenizer.json in {tokenizer_dir}", "Only fast tokenizers can be embedded"
+        )
     return out
 
 
-def _metadata(config: dict[str, Any], provenance: dict[str, Any], gguf_kv: dict[str, Any]) -> dict[str, str]:
+def _metadata(
+    config: dict[str, Any], provenance: dict[str, Any], gguf_kv: dict[str, Any]
+) -> dict[str, str]:
     meta = {META_PROVENANCE: json.dumps(provenance, sort_keys=True), "format": "pt"}
     if gguf_kv:
         meta[META_GGUF_KV] = json.dumps(gguf_kv, sort_keys=True)
@@ -136,4 +150,6 @@ def save_gguf(
 
         plans.append(GGUFTensorPlan(name, info.shape, produce))
     with atomic_path(out) as tmp:
-        return write_gguf(tmp, ckpt.config, plans, gguf_type, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance)
+        return write_gguf(
+            tmp, ckpt.config, plans, gguf_type, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
+        )

@@ -42,7 +42,11 @@ def tiny_tokenizer() -> Any:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([special])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=special, eos_token=special, unk_token=special, pad_token=special
+        tokenizer_object=tok,
+        bos_token=special,
+        eos_token=special,
+        unk_token=special,
+        pad_token=special,
     )
 
 
@@ -76,7 +80,23 @@ def tiny_text(n_words: int = 3000, seed: int = 0) -> str:
     """Deterministic English-like text for perplexity tests on tiny models."""
     import random
 
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "in", "garden", "under", "tree", "with", "her"]
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "then",
+        "ran",
+        "in",
+        "garden",
+        "under",
+        "tree",
+        "with",
+        "her",
+    ]
     rng = random.Random(seed)
     lines = []
     for _ in range(n_words // 12):

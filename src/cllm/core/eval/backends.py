@@ -46,7 +46,9 @@ def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
     model_type = cfg_dict.pop("model_type", None)
     if not model_type:
         raise InputError(f"{ckpt.path}: config has no model_type")
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"})
+    config = AutoConfig.for_model(
+        model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"}
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
@@ -75,7 +77,9 @@ def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
             parent_name, _, attr = mod_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, type(module)(config=config))
-    leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    leftovers = [
+        n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta
+    ]
     if leftovers:
         raise RuntimeFailure(f"could not materialise {leftovers[:3]}")
     model.eval()
@@ -85,7 +89,9 @@ def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, ckpt: Checkpoint, threads: int | None = None, allow_nonfinite: bool = False) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, threads: int | None = None, allow_nonfinite: bool = False
+    ) -> None:
         import torch
 
         if threads:
@@ -130,12 +136,13 @@ class LlamaCppBackend:
             import llama_cpp
         except ImportError as exc:
             raise UsageError(
-                "the llama.cpp backend needs llama-cpp-python", "Install it: pip install llama-cpp-python"
+                "the llama.cpp backend needs llama-cpp-python",
+                "Install it: pip install llama-cpp-python",
             ) from exc
         self.threads = threads or min(os.cpu_count() or 1, 8)
         try:
             with _quiet_stderr():
-                self.llm = llama_cpp.Llama(
+                self.llm: Any = llama_cpp.Llama(
                     model_path=str(gguf_path),
                     n_ctx=ctx,
                     n_batch=ctx,
@@ -182,7 +189,13 @@ def gguf_for_llamacpp(ckpt: Checkpoint) -> Path:
 
     target = cache_dir() / "gguf" / f"{ckpt.sha256[:16]}.F32.gguf"
     if not target.exists():
-        prov = make_provenance("export", {"to": "gguf", "gguf_type": "F32"}, ckpt.sha256, ckpt.provenance, str(ckpt.path))
+        prov = make_provenance(
+            "export",
+            {"to": "gguf", "gguf_type": "F32"},
+            ckpt.sha256,
+            ckpt.provenance,
+            str(ckpt.path),
+        )
         save_gguf(target, ckpt, "F32", prov)
     return target
 

@@ -69,5 +69,7 @@ def make_chunks(tokens: np.ndarray, ctx: int, chunks: int | None) -> list[np.nda
     if n < 1:
         raise InputError(f"--chunks {chunks} is invalid", "Give at least 1")
     if n > available:
-        raise InputError(f"--chunks {n} asks for more than the {available} chunks of {ctx} tokens the text holds")
+        raise InputError(
+            f"--chunks {n} asks for more than the {available} chunks of {ctx} tokens the text holds"
+        )
     return [tokens[i * ctx : (i + 1) * ctx] for i in range(n)]

@@ -155,7 +155,9 @@ def evaluate(
             blp16 = base_cache.get(i) if base_cache is not None else None
             if blp16 is None:
                 if base is None:
-                    raise InputError("base log-probabilities are not cached and no base model was given")
+                    raise InputError(
+                        "base log-probabilities are not cached and no base model was given"
+                    )
                 blp16 = scored_logprobs(base.logits(chunk), ctx)
                 if base_cache is not None:
                     base_cache.put(i, blp16)

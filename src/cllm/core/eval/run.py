@@ -10,7 +10,14 @@ import numpy as np
 
 from cllm.core.eval.backends import Backend, make_backend
 from cllm.core.eval.data import load_tokens, make_chunks
-from cllm.core.eval.perplexity import PROTOCOL_VERSION, BaseLogprobCache, EvalConfig, EvalResult, evaluate, summarise
+from cllm.core.eval.perplexity import (
+    PROTOCOL_VERSION,
+    BaseLogprobCache,
+    EvalConfig,
+    EvalResult,
+    evaluate,
+    summarise,
+)
 from cllm.errors import InputError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -80,7 +87,8 @@ def run_eval(
         }
         cache = BaseLogprobCache(key, enabled=use_cache)
         base_lazy = _LazyBackend(
-            lambda: make_backend(kld_base, base_name, cfg.ctx, cfg.threads, allow_nonfinite), base_name
+            lambda: make_backend(kld_base, base_name, cfg.ctx, cfg.threads, allow_nonfinite),
+            base_name,
         )
     stage(f"loading {model.display_name} ({cfg.backend})")
     backend = make_backend(model, cfg.backend, cfg.ctx, cfg.threads, allow_nonfinite)
