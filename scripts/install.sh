@@ -33,7 +33,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "${PIP[@]}" install -q ${TORCH_PIP_ARGS:-} "$spec"
 fi
-tv=$("$VENV/bin/python" -c "import torch; print(torch.__version__, torch.version.cuda or 'cpu')")
+tv=$("$VENV/bin/python" -W ignore -c "import torch; print(torch.__version__, torch.version.cuda or 'cpu')")
 say "torch $tv"
 case "$tv" in
   *cpu) ;;
