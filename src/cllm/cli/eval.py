@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,6 +18,9 @@ from cllm.cli._common import (
     use_json,
 )
 from cllm.errors import CheckFailed
+
+if TYPE_CHECKING:
+    from cllm.core.eval.perplexity import EvalResult
 
 
 class BackendName(str, Enum):
@@ -97,12 +101,11 @@ def _eval(
     from cllm.cli.resolve import open_spec
     from cllm.core.eval.perplexity import EvalConfig
     from cllm.core.eval.run import run_eval
-    from cllm.formats.checkpoint import open_checkpoint
     from cllm.paths import default_eval_text
 
     text_path = text or default_eval_text()
     model, _spec = open_spec(checkpoint)
-    base = open_checkpoint(kld_base) if kld_base else None
+    base = open_spec(kld_base)[0] if kld_base else None
     cfg = EvalConfig(text=str(text_path), ctx=ctx, chunks=chunks, backend=backend, threads=threads)
     total = chunks
     with progress("evaluating", total) as advance:
@@ -129,20 +132,19 @@ def _eval(
             raise CheckFailed(f"mean KLD {result.kld.mean:.6f} is above --max-kld {max_kld}")
 
 
-def _print_table(result: object) -> None:
+def _print_table(r: EvalResult) -> None:
     from rich.table import Table
 
-    r = result  # EvalResult
     con = out_console()
-    p = r.protocol  # type: ignore[attr-defined]
+    p = r.protocol
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{r.model} ({r.backend})")  # type: ignore[attr-defined]
-    table.add_row("perplexity", f"{r.perplexity:.4f} ± {r.perplexity_se:.4f}")  # type: ignore[attr-defined]
-    k = r.kld  # type: ignore[attr-defined]
+    table.add_row("model", f"{r.model} ({r.backend})")
+    table.add_row("perplexity", f"{r.perplexity:.4f} ± {r.perplexity_se:.4f}")
+    k = r.kld
     if k is not None:
-        table.add_row("base", f"{k.base} ({k.base_backend}), perplexity {r.base_perplexity:.4f}")  # type: ignore[attr-defined]
+        table.add_row("base", f"{k.base} ({k.base_backend}), perplexity {r.base_perplexity:.4f}")
         table.add_row("mean KLD", f"{k.mean:.6f} ± {k.mean_se:.6f}")
         table.add_row("KLD median / p99 / max", f"{k.median:.6f} / {k.p99:.6f} / {k.max:.6f}")
         table.add_row("top-1 agreement", f"{k.top1_agreement * 100:.2f}%")

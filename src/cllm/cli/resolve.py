@@ -25,7 +25,12 @@ def read_spec(arg: str) -> Spec:
     from cllm.formats.checkpoint import read_stdin_spec
 
     text = read_stdin_spec() if arg == "-" else arg
-    return Spec(text, aliases.is_alias(text) and not Path(text).exists())
+    spec = Spec(text, aliases.is_alias(text) and not Path(text).exists())
+    if spec.is_alias and not aliases.is_converted(text):
+        from cllm.cli._common import log
+
+        log(f"first use of {text}: converting it once to fp32 safetensors in the cache")
+    return spec
 
 
 def open_spec(arg: str) -> tuple[Checkpoint, Spec]:

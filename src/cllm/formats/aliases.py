@@ -51,14 +51,25 @@ def source_path(name: str) -> Path:
     return path
 
 
-def resolve(name: str) -> Path:
-    """Path of the cached HF folder for an alias, converting on first use."""
+def cached_path(name: str) -> Path:
+    """Where the converted alias lives (or will live) in the cache."""
     from cllm.formats.hashing import file_sha256
     from cllm.paths import cache_dir
 
+    return cache_dir() / "models" / f"{name}-{file_sha256(source_path(name))[:12]}"
+
+
+def is_converted(name: str) -> bool:
+    return (cached_path(name) / "config.json").exists()
+
+
+def resolve(name: str) -> Path:
+    """Path of the cached HF folder for an alias, converting on first use."""
+    from cllm.formats.hashing import file_sha256
+
     src = source_path(name)
     digest = file_sha256(src)
-    target = cache_dir() / "models" / f"{name}-{digest[:12]}"
+    target = cached_path(name)
     if (target / "config.json").exists():
         return target
     from cllm.formats.gguf_io import GGUFCheckpoint
