@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cllm.testing.badfiles import Sources
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,14 @@ def smollm2() -> Path:
     from cllm.formats.aliases import resolve
 
     return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def bad_sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
+    """The valid tiny model and GGUF every malformed case is derived from, built once."""
+    from cllm.testing.badfiles import make_sources
+
+    return make_sources(tmp_path_factory.getbasetemp() / "badfiles-sources")
 
 
 def run_cli(

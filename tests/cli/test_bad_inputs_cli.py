@@ -15,22 +15,8 @@ from cllm.testing.badfiles import (
     NONFINITE,
     Builder,
     Sources,
-    make_sources,
 )
 from cllm.testing.tiny import tiny_text
-
-
-def _params(names: list[str]) -> list[str]:
-    return list(names)
-
-
-@pytest.fixture(scope="session")
-def bad_sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
-    # the same folder as tests/formats/test_bad_inputs.py, so the tiny model is built once;
-    # building it hashes files, which cllm caches: keep that out of the user's cache
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLLM_CACHE", str(tmp_path_factory.mktemp("badfiles-cache")))
-        return make_sources(tmp_path_factory.getbasetemp() / "badfiles-sources")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +74,7 @@ def _build(fn: Builder, src: Sources, dest: Path) -> tuple[Path, list[str]]:
     return path, _listing(dest)
 
 
-@pytest.mark.parametrize("name", _params(sorted(MALFORMED)))
+@pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_info_refuses(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], name: str
 ) -> None:
@@ -108,7 +94,7 @@ def _assert_export_refused(env: dict[str, str], path: Path, tmp_path: Path, expe
     assert list(out_dir.iterdir()) == [], "temporary files were left behind"
 
 
-@pytest.mark.parametrize("name", _params(sorted(MALFORMED)))
+@pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_export_refuses(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], tmp_path: Path, name: str
 ) -> None:
@@ -117,7 +103,7 @@ def test_export_refuses(
     assert _listing(cases_root / f"export-{name}") == before
 
 
-@pytest.mark.parametrize("name", _params(sorted(NONFINITE)))
+@pytest.mark.parametrize("name", sorted(NONFINITE))
 def test_export_refuses_nonfinite(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], tmp_path: Path, name: str
 ) -> None:
@@ -126,7 +112,7 @@ def test_export_refuses_nonfinite(
     _assert_export_refused(cli_env, path, tmp_path, "non-finite")
 
 
-@pytest.mark.parametrize("name", _params(sorted(NONFINITE)))
+@pytest.mark.parametrize("name", sorted(NONFINITE))
 def test_eval_refuses_nonfinite_unless_allowed(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], eval_text: Path, name: str
 ) -> None:

@@ -9,20 +9,7 @@ import pytest
 from cllm.core.eval.backends import check_finite
 from cllm.errors import EXIT_USAGE, InputError, UsageError
 from cllm.formats.checkpoint import open_checkpoint
-from cllm.testing.badfiles import EXPECT, MALFORMED, NONFINITE, Sources, make_sources
-
-
-def _params(names: list[str]) -> list[str]:
-    return list(names)
-
-
-@pytest.fixture(scope="session")
-def bad_sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
-    # a fixed folder under the session's base temp, so the CLI tests reuse the same tiny model;
-    # building it hashes files, which cllm caches: keep that out of the user's cache
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLLM_CACHE", str(tmp_path_factory.mktemp("badfiles-cache")))
-        return make_sources(tmp_path_factory.getbasetemp() / "badfiles-sources")
+from cllm.testing.badfiles import EXPECT, MALFORMED, NONFINITE, Sources
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +28,7 @@ def test_sources_are_valid(bad_sources: Sources, which: str) -> None:
     check_finite(ckpt)
 
 
-@pytest.mark.parametrize("name", _params(sorted(MALFORMED)))
+@pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_input_is_refused(bad_sources: Sources, cases_root: Path, name: str) -> None:
     path = MALFORMED[name](bad_sources, cases_root / name)
     with pytest.raises(InputError) as info:
@@ -53,7 +40,7 @@ def test_malformed_input_is_refused(bad_sources: Sources, cases_root: Path, name
     assert "\n" not in err.one_line()
 
 
-@pytest.mark.parametrize("name", _params(sorted(NONFINITE)))
+@pytest.mark.parametrize("name", sorted(NONFINITE))
 def test_nonfinite_weights_open_but_fail_check_finite(
     bad_sources: Sources, cases_root: Path, name: str
 ) -> None:

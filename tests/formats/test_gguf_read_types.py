@@ -40,7 +40,9 @@ def f32_gguf(wide_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.mark.parametrize("qtype", list(KTYPES))
-def test_reads_llamacpp_quant_types(wide_model: Path, f32_gguf: Path, qtype: str, tmp_path: Path) -> None:
+def test_reads_llamacpp_quant_types(
+    wide_model: Path, f32_gguf: Path, qtype: str, tmp_path: Path
+) -> None:
     import llama_cpp
 
     out = tmp_path / f"wide.{qtype}.gguf"

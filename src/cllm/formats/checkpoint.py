@@ -107,6 +107,17 @@ class Checkpoint(ABC):
         pass
 
 
+def parse_json_object(raw: Any) -> dict[str, Any] | None:
+    """A JSON object stored as a string in file metadata; None when absent or malformed."""
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def load_tokenizer(folder: Path) -> Any:
     """transformers' AutoTokenizer, with a broken tokenizer reported as bad input."""
     import logging

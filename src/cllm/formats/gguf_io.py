@@ -27,7 +27,7 @@ from cllm.formats.arch import (
     spec_for_config,
     spec_for_gguf,
 )
-from cllm.formats.checkpoint import Checkpoint, TensorInfo
+from cllm.formats.checkpoint import Checkpoint, TensorInfo, parse_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -279,14 +279,7 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def provenance(self) -> dict[str, Any] | None:  # type: ignore[override]
-        raw = self.kv(PROVENANCE_KEY)
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return parse_json_object(self.kv(PROVENANCE_KEY))
 
     @property
     def gguf_kv(self) -> dict[str, Any]:

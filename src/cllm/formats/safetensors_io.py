@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cllm.errors import InputError
 from cllm.formats.arch import check_shapes
-from cllm.formats.checkpoint import Checkpoint, TensorInfo, read_json_file
+from cllm.formats.checkpoint import Checkpoint, TensorInfo, parse_json_object, read_json_file
 
 if TYPE_CHECKING:
     import torch
@@ -222,22 +222,11 @@ class SafetensorsCheckpoint(Checkpoint):
 
     @cached_property
     def provenance(self) -> dict[str, Any] | None:  # type: ignore[override]
-        raw = self._metadata.get(META_PROVENANCE)
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return parse_json_object(self._metadata.get(META_PROVENANCE))
 
     @property
     def gguf_kv(self) -> dict[str, Any]:
-        try:
-            value = json.loads(self._metadata.get(META_GGUF_KV, "{}"))
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
+        return parse_json_object(self._metadata.get(META_GGUF_KV)) or {}
 
     def tokenizer_dir(self) -> Path:
         if self.folder is not None:
