@@ -92,7 +92,7 @@ def main() -> None:
         k = r.get("kld")
         table.append(
             [
-                r["model"],
+                r["label"],
                 r["backend"],
                 f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "538.1",
                 f"{r['perplexity']:.3f} ± {r['perplexity_se']:.3f}",

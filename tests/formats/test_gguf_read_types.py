@@ -78,3 +78,27 @@ def test_reads_sharded_hf_folder(tmp_path: Path) -> None:
         assert torch.equal(ckpt.get(name), tensor), name
     assert len(ckpt.files()) == len(list(folder.glob("*.safetensors"))) + 1  # + config.json
     assert np.isfinite(ckpt.file_size)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_numpy_types_match_llamacpp_quantizer_bytes(wide_model: Path, f32_gguf: Path, qtype: str, tmp_path: Path) -> None:
+    """Golden bytes: cllm's writer and llama.cpp's own quantizer store identical blocks."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    ours = tmp_path / f"ours.{qtype}.gguf"
+    save_gguf(ours, open_checkpoint(wide_model), qtype, make_provenance("t", {}, None, None))
+    theirs = tmp_path / f"theirs.{qtype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    assert llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(theirs).encode(), params) == 0
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    compared = 0
+    for name, tb in b.items():
+        ta = a[name]
+        if ta.tensor_type != tb.tensor_type:
+            continue  # llama.cpp's recipes give some tensors (output, attn_v) more bits
+        assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), name
+        compared += ta.tensor_type.name == qtype
+    assert compared >= 8
