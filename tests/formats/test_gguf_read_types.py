@@ -81,7 +81,9 @@ def test_reads_sharded_hf_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
-def test_numpy_types_match_llamacpp_quantizer_bytes(wide_model: Path, f32_gguf: Path, qtype: str, tmp_path: Path) -> None:
+def test_numpy_types_match_llamacpp_quantizer_bytes(
+    wide_model: Path, f32_gguf: Path, qtype: str, tmp_path: Path
+) -> None:
     """Golden bytes: cllm's writer and llama.cpp's own quantizer store identical blocks."""
     import llama_cpp
     from gguf import GGUFReader
