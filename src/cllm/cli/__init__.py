@@ -21,6 +21,7 @@ from cllm.cli._common import STATE, debug_enabled
 from cllm.cli.eval import eval_cmd
 from cllm.cli.export import export_cmd
 from cllm.cli.info import info
+from cllm.cli.quantize import quantize_cmd
 from cllm.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 EPILOG = (
@@ -82,6 +83,7 @@ def _global(
 app.command("info")(info)
 app.command("eval")(eval_cmd)
 app.command("export")(export_cmd)
+app.command("quantize")(quantize_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

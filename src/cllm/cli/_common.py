@@ -112,10 +112,9 @@ def emit_artifact(
     """stdout gets data only: the artifact's path, or one NDJSON record."""
     path = Path(path)
     if as_json:
-        from cllm.formats.hashing import file_sha256
+        from cllm.formats.hashing import file_sha256, files_sha256
 
         files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-        from cllm.formats.hashing import files_sha256
 
         record = {
             "path": str(path),
@@ -130,6 +129,15 @@ def emit_artifact(
     else:
         sys.stdout.write(str(path) + "\n")
     sys.stdout.flush()
+
+
+def emit_plan(path: Path, params: dict[str, Any], as_json: bool) -> None:
+    """--dry-run: the path that would be written (or a JSON record marked planned)."""
+    if as_json:
+        emit_json({"path": str(path), "planned": True, "params": params})
+    else:
+        sys.stdout.write(f"{path}\n")
+        sys.stdout.flush()
 
 
 def emit_json(data: Any) -> None:

@@ -11,6 +11,7 @@ from cllm.cli._common import (
     JSON_OPTION,
     default_output,
     emit_artifact,
+    emit_plan,
     handle_errors,
     log,
     progress,
@@ -101,7 +102,7 @@ def _export(
         spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension
     )
     if dry_run:
-        emit_artifact_plan(out)
+        emit_plan(out, params, use_json(as_json))
         return
     if out.exists() and not force:
         try:
@@ -127,9 +128,3 @@ def _export(
             )
         log("tensor types: " + ", ".join(f"{k} {v}" for k, v in types.items()), level=1)
     emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
-
-
-def emit_artifact_plan(out: Path) -> None:
-    import sys
-
-    sys.stdout.write(str(out) + "\n")

@@ -15,6 +15,17 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested parameters as dotted keys, leaving out unset ones, for a compact table cell."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif v not in (None, [], {}, ""):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def info(
     checkpoint: str = typer.Argument(
         ..., help="Model path (.safetensors, .gguf, HF folder), alias, or '-' for stdin."
@@ -88,7 +99,7 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
         for col in ("#", "op", "params", "parent sha256", "created", "cllm"):
             prov.add_column(col)
         for i, p in enumerate(report.provenance):
-            params = ", ".join(f"{k}={v}" for k, v in (p.get("params") or {}).items())
+            params = ", ".join(f"{k}={v}" for k, v in _flatten(p.get("params") or {}).items())
             parent = (p.get("parent_sha256") or "")[:12]
             ver = (p.get("versions") or {}).get("cllm", "")
             prov.add_row(str(i), str(p.get("op")), params, parent, str(p.get("created")), str(ver))

@@ -338,10 +338,26 @@ class GGUFCheckpoint(Checkpoint):
 
 # -- writing ---------------------------------------------------------------------
 @dataclass(frozen=True)
+class PackedBlocks:
+    """Integer codes already on a llama.cpp block grid (from GPTQ/AWQ), in transformers row order.
+
+    The writer permutes rows for llama.cpp's layout and packs them, so the stored blocks
+    are exactly these codes and scales rather than a re-rounding of their dequantized values.
+    """
+
+    codes: np.ndarray  # [rows, cols]
+    scale: np.ndarray  # [rows, cols / 32]
+    zero: np.ndarray  # [rows, cols / 32]
+
+
+@dataclass(frozen=True)
 class GGUFTensorPlan:
     hf_name: str
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]  # float32, transformers row order
+    produce: Callable[
+        [], np.ndarray | PackedBlocks
+    ]  # float32 in transformers row order, or packed codes
+    qtype: str | None = None  # this tensor's type; None: the file's type (with the usual fallbacks)
 
 
 def qtype_for(name: str, shape: tuple[int, ...], want: str) -> str:
@@ -432,7 +448,7 @@ def write_gguf(
 
     if gguf_type not in WRITABLE_TYPES:
         raise UsageError(
-            f"GGUF type {gguf_type} cannot be written by cllm export",
+            f"GGUF type {gguf_type} cannot be written by cllm's own GGUF writer",
             "Choose one of " + ", ".join(WRITABLE_TYPES),
         )
     spec = spec_for_config(config)
@@ -473,7 +489,7 @@ def write_gguf(
             raise UsageError(f"tensor {p.hf_name} has no GGUF name for {arch}")
         if p.hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        qt = qtype_for(p.hf_name, p.shape, gguf_type)
+        qt = p.qtype or qtype_for(p.hf_name, p.shape, gguf_type)
         counts[qt] = counts.get(qt, 0) + 1
         ordered.append((p, gname, qt))
         qtype = GGMLQuantizationType[qt]
@@ -487,7 +503,19 @@ def write_gguf(
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for p, _gname, qt in ordered:
-        arr = np.asarray(p.produce(), dtype=np.float32)
+        produced = p.produce()
+        if isinstance(produced, PackedBlocks):
+            from cllm.formats.gguf_pack import pack_blocks
+
+            rows = [
+                spec.to_gguf_rows(p.hf_name, np.asarray(a), config)
+                for a in (produced.codes, produced.scale, produced.zero)
+            ]
+            w.write_tensor_data(pack_blocks(qt, rows[0], rows[1], rows[2]))
+            if on_tensor:
+                on_tensor(p.hf_name, qt)
+            continue
+        arr = np.asarray(produced, dtype=np.float32)
         if tuple(arr.shape) != p.shape:
             raise RuntimeError(
                 f"tensor {p.hf_name}: produced {list(arr.shape)}, planned {list(p.shape)}"

@@ -133,6 +133,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def __post_init__(self) -> None:
         self.format = "safetensors"
         self._handles: dict[Path, Any] = {}
+        self._packed: dict[str, Any] = {}
 
     # -- constructors ----------------------------------------------------------
     @classmethod
@@ -196,13 +197,52 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._where[name] = shard
             if not self._metadata:
                 self._metadata = header.metadata
+        self._packed = self._map_packed_linears()
         check_shapes(self._config, {n: i.shape for n, i in self._infos.items()}, str(self.path))
+
+    def _map_packed_linears(self) -> dict[str, Any]:
+        """compressed-tensors checkpoints: present each packed Linear as its dense `.weight`.
+
+        Commands then see an ordinary model (dequantized on read), so a quantized output
+        pipes into eval, export or another quantize like any checkpoint.
+        """
+        qc = self._config.get("quantization_config")
+        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+            return {}
+        from cllm.formats import compressed_tensors as ct
+
+        spec = ct.spec_from_config(self._config)
+        packed: dict[str, Any] = {}
+        for name in [n for n in self._infos if n.endswith(".weight_packed")]:
+            prefix = name[: -len(".weight_packed")]
+            shape_name = prefix + ".weight_shape"
+            if shape_name not in self._infos:
+                raise InputError(f"{self.path}: packed tensor {prefix} has no weight_shape")
+            shape = tuple(int(d) for d in self.get(shape_name).tolist())
+            group = [n for n in self._infos if n.startswith(prefix + ".weight_")]
+            nbytes = sum(self._infos[n].nbytes for n in group)
+            for n in group:
+                del self._infos[n]
+            self._infos[prefix + ".weight"] = TensorInfo(
+                prefix + ".weight", shape, f"CT_INT{spec.bits}", nbytes
+            )
+            packed[prefix + ".weight"] = (prefix, spec, set(group))
+        return packed
 
     # -- Checkpoint API ----------------------------------------------------------
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def get(self, name: str) -> torch.Tensor:
+        packed = self._packed.get(name)
+        if packed is not None:
+            from cllm.formats.compressed_tensors import dequantize_checkpoint_linear
+
+            prefix, spec, names = packed
+            return dequantize_checkpoint_linear(self._raw_get, prefix, spec, names)
+        return self._raw_get(name)
+
+    def _raw_get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         shard = self._where[name]

@@ -97,7 +97,10 @@ def save_single_file(
     gguf_kv: dict[str, Any],
 ) -> Path:
     meta = _metadata(config, provenance, gguf_kv)
-    meta[META_CONFIG] = json.dumps(config, sort_keys=True)
+    dense = {
+        k: v for k, v in config.items() if k != "quantization_config"
+    }  # tensors written here are dense
+    meta[META_CONFIG] = json.dumps(dense, sort_keys=True)
     meta[META_TOKENIZER] = json.dumps(_tokenizer_files(tokenizer_dir), sort_keys=True)
     with atomic_path(out) as tmp:
         write_safetensors_file(tmp, plans, meta)
@@ -111,13 +114,15 @@ def save_hf_folder(
     tokenizer_dir: Path,
     provenance: dict[str, Any],
     gguf_kv: dict[str, Any],
+    keep_quantization_config: bool = False,
 ) -> Path:
     """An HF folder transformers loads with from_pretrained (one shard; provenance in its metadata)."""
     meta = _metadata(config, provenance, gguf_kv)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         cfg = dict(config)
-        cfg.pop("quantization_config", None)
+        if not keep_quantization_config:
+            cfg.pop("quantization_config", None)
         dtypes = {p.dtype for p in plans if p.dtype in FLOAT_DTYPES}
         if len(dtypes) == 1:
             cfg["torch_dtype"] = FLOAT_DTYPES[dtypes.pop()]

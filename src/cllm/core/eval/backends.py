@@ -7,7 +7,6 @@ is what a user deploying that file gets.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cllm.core.native import quiet_stderr
 from cllm.errors import InputError, RuntimeFailure, UsageError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -111,23 +111,6 @@ class TorchBackend:
         self.model = None
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Any:
-    """llama.cpp prints to fd 2 from C; keep it off the user's terminal unless --debug."""
-    if os.environ.get("CLLM_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 class LlamaCppBackend:
     name = "llama.cpp"
 
@@ -141,7 +124,7 @@ class LlamaCppBackend:
             ) from exc
         self.threads = threads or min(os.cpu_count() or 1, 8)
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.llm: Any = llama_cpp.Llama(
                     model_path=str(gguf_path),
                     n_ctx=ctx,

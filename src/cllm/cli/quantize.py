@@ -1,0 +1,240 @@
+"""`cllm quantize`: RTN and GPTQ to packed safetensors or GGUF, and every llama.cpp type."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from cllm.cli._common import (
+    JSON_OPTION,
+    default_output,
+    emit_artifact,
+    emit_plan,
+    handle_errors,
+    log,
+    progress,
+    use_json,
+    warn,
+)
+from cllm.errors import UsageError
+
+
+class Method(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
+
+
+class To(str, Enum):
+    safetensors = "safetensors"
+    gguf = "gguf"
+
+
+def quantize_cmd(
+    checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
+    method: Method = typer.Option(
+        Method.rtn, "--method", "-m", help="rtn (no data) or gptq (calibrated)."
+    ),
+    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight for --to safetensors (2-8)."),
+    group_size: int = typer.Option(
+        128,
+        "--group-size",
+        "-g",
+        help="Weights per scale: 32, 64, 128, 256, or -1 for per channel.",
+    ),
+    symmetric: bool = typer.Option(
+        True, "--sym/--asym", help="Symmetric grid, or asymmetric with zero points."
+    ),
+    to: To = typer.Option(
+        None,
+        "--to",
+        help="Output format [default: gguf if --gguf-type is given, else safetensors].",
+    ),
+    gguf_type: str = typer.Option(
+        None,
+        "--gguf-type",
+        help="GGUF type: any llama.cpp type (Q8_0 ... Q2_K, K-quants, IQ4_NL...); GPTQ targets Q4_0/Q4_1/Q5_0/Q5_1/Q8_0.",
+    ),
+    fake: bool = typer.Option(
+        False, "--fake", help="Write dense dequantized weights instead of packed integers."
+    ),
+    keep: list[str] = typer.Option(
+        [], "--keep", help="Regex of tensor names to leave unquantized (repeatable)."
+    ),
+    calib: Path = typer.Option(
+        None,
+        "--calib",
+        help="Calibration text [default: $CLLM_DATA_DIR/calibration/wikitext-2-valid.tokens].",
+    ),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
+    calib_seqlen: int = typer.Option(
+        512, "--calib-seqlen", help="Tokens per calibration sequence."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    act_order: bool = typer.Option(
+        False, "--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal."
+    ),
+    damp: float = typer.Option(
+        0.01, "--damp", help="GPTQ: Hessian damping, as a fraction of its mean diagonal."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="GPTQ: continue a killed run from its last finished layer."
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Output path [default: <stem>.quantize-<hash>[.gguf] beside the input].",
+    ),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Redo the work even if an identical output exists."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the planned output path and exit."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Quantize a model's linear weights.
+
+    RTN streams tensor by tensor; GPTQ runs layer by layer on calibration text,
+    each layer seeing the outputs of the already-quantized layers before it.
+    Safetensors output is compressed-tensors "pack-quantized", which transformers
+    loads directly; GGUF output from GPTQ lies exactly on the llama.cpp type's grid.
+
+    Example:
+
+        cllm quantize smollm2-135m --method gptq --bits 4 --group-size 128
+
+        cllm quantize smollm2-135m --to gguf --gguf-type Q4_K_M
+
+        cllm quantize smollm2-135m --method gptq --gguf-type Q4_0 | cllm eval - -b llama.cpp --kld-base smollm2-135m
+    """
+    _quantize(
+        checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, keep,
+        calib, calib_samples, calib_seqlen, seed, act_order, damp, resume, output, force, dry_run, as_json,
+    )  # fmt: skip
+
+
+@handle_errors("quantize")
+def _quantize(
+    checkpoint: str,
+    method: str,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    to: str | None,
+    gguf_type: str | None,
+    fake: bool,
+    keep: list[str],
+    calib: Path | None,
+    calib_samples: int,
+    calib_seqlen: int,
+    seed: int,
+    act_order: bool,
+    damp: float,
+    resume: bool,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    from cllm.cli.resolve import open_spec
+    from cllm.core.quantize.api import Target, quantize
+    from cllm.core.quantize.methods import GPTQConfig, MethodConfig, RTNConfig
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.provenance import make_provenance, provenance_id
+
+    target_to = to or ("gguf" if gguf_type else "safetensors")
+    if target_to == "gguf" and not gguf_type:
+        raise UsageError("--to gguf needs --gguf-type", "e.g. --gguf-type Q4_K_M")
+    if target_to == "safetensors" and gguf_type:
+        raise UsageError("--gguf-type applies to --to gguf only")
+    if fake and target_to == "gguf":
+        raise UsageError("--fake applies to --to safetensors only")
+    target = Target(
+        to=target_to, bits=bits, group_size=group_size, symmetric=symmetric,
+        gguf_type=gguf_type.upper() if gguf_type else None, fake=fake, keep=list(keep),
+    )  # fmt: skip
+    cfg: MethodConfig
+    if method == "gptq":
+        cfg = GPTQConfig(act_order=act_order, damp=damp, calib=str(calib) if calib else None,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)  # fmt: skip
+        cfg.validate()
+    else:
+        if act_order or resume:
+            raise UsageError("--act-order and --resume apply to --method gptq only")
+        cfg = RTNConfig()
+    grid = target.grid(cfg)  # validates bits, group size and type before any heavy work
+    ckpt, spec = open_spec(checkpoint)
+    stored = {i.dtype for i in ckpt.tensor_infos().values()}
+    already = sorted(stored - {"F32", "F16", "BF16"})
+    if already:
+        warn(
+            f"{spec.text} is already quantized ({', '.join(already)}); its weights are dequantized first"
+        )
+    calibration = None
+    if method == "gptq":
+        from cllm.core.quantize.calib import default_calibration_file, load_calibration
+
+        calibration = load_calibration(
+            Path(calib) if calib else default_calibration_file(),
+            ckpt.tokenizer_dir(),
+            calib_samples,
+            calib_seqlen,
+            seed,
+        )
+    params: dict[str, object] = {"method": cfg.to_dict(), "target": target.to_dict()}
+    if already:
+        params["input_dequantized_from"] = already
+    if calibration is not None:
+        params["calibration_sha256"] = calibration.sha256
+    pid = provenance_id(ckpt.sha256, "quantize", params)
+    out = output or default_output(
+        spec.path, spec.is_alias, spec.text, "quantize", pid, target.extension()
+    )
+    if dry_run:
+        emit_plan(out, params, use_json(as_json))
+        return
+    if out.exists() and not force and not resume:
+        try:
+            existing = open_checkpoint(out).provenance or {}
+        except Exception:  # noqa: BLE001 - unreadable means not up to date
+            existing = {}
+        if existing.get("id") == pid:
+            log(f"{out} is up to date (same input and parameters); --force redoes it")
+            emit_artifact(out, target_to, "quantize", params, ckpt.sha256, use_json(as_json))
+            return
+    prov = make_provenance(
+        "quantize", params, ckpt.sha256, ckpt.provenance, str(ckpt.path),
+        calibration=calibration.to_provenance() if calibration is not None else None, seed=seed if calibration is not None else None,
+    )  # fmt: skip
+    log(
+        f"quantizing {spec.text} with {method.upper()} on {grid.describe() if grid else 'llama.cpp ' + str(target.gguf_type)}",
+        level=0,
+    )
+    n_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    with progress(
+        "layers" if method == "gptq" else "tensors", n_layers if method == "gptq" else None
+    ) as advance:
+        report = quantize(
+            ckpt, cfg, target, out, prov, resume=resume,
+            progress=(lambda _n: advance()) if method != "gptq" else None,
+            on_layer=lambda i, n: advance(description=f"layer {i + 1}/{n}"),
+            calibration=calibration,
+        )  # fmt: skip
+    types = report.get("types")
+    if types:
+        log(
+            "tensor types: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
+        )
+        if (
+            target.gguf_type
+            and target.gguf_type not in types
+            and target.gguf_type[:2] not in "".join(types)
+        ):
+            warn(
+                f"llama.cpp used no {target.gguf_type} tensor (row lengths of {ckpt.config.get('hidden_size')} force fallbacks)"
+            )
+    emit_artifact(out, target_to, "quantize", params, ckpt.sha256, use_json(as_json))

@@ -1,0 +1,142 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each
+column's rounding error onto the not-yet-quantized columns through the inverse
+Hessian of the layer's inputs, so the layer's *output* error is minimised.
+
+Works on any `Grid`, so the same code produces packed int weights or the exact
+blocks of a llama.cpp type.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cllm.core.quantize.grid import Grid, GroupParams
+from cllm.errors import RuntimeFailure
+
+
+class HessianAccumulator:
+    """H = 2/n * sum x x^T over every input row seen, accumulated in float64-safe steps."""
+
+    def __init__(self, dim: int) -> None:
+        self.H = torch.zeros(dim, dim, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # [rows, cols] float holding integer codes
+    scales: torch.Tensor  # [rows, groups]
+    zeros: torch.Tensor  # [rows, groups]
+    weight: torch.Tensor  # dequantized [rows, cols]
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: Grid,
+    act_order: bool = False,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> GPTQResult:
+    """Quantize `W` [rows, cols] given the input Hessian `H` [cols, cols].
+
+    Group scales are fitted on each group's weights as updated by the error
+    feedback so far (groups are contiguous column ranges). With `act_order`,
+    columns are visited by decreasing Hessian diagonal, and group scales are
+    fitted up front on the original weights ("static groups") so groups stay
+    contiguous in the stored layout.
+    """
+    W = W.detach().float().clone()
+    rows, cols = W.shape
+    g = grid.group_width(cols)
+    if cols % g:
+        raise RuntimeFailure(f"row length {cols} is not a multiple of the group size {g}")
+    n_groups = cols // g
+    blocksize = (
+        max(blocksize // g, 1) * g
+    )  # a block holds whole groups, so a group never waits on lazy updates
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: list[GroupParams] | None = None
+    perm: torch.Tensor | None = None
+    invperm: torch.Tensor | None = None
+    if act_order:
+        static = [grid.fit(W[:, j * g : (j + 1) * g]) for j in range(n_groups)]
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    except RuntimeError as exc:  # not positive definite even after damping
+        raise RuntimeFailure(
+            "GPTQ: the Hessian is not positive definite",
+            "Raise --damp or use more calibration samples",
+        ) from exc
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups)
+    current: GroupParams | None = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if static is not None:
+                assert perm is not None
+                gi = int(perm[col]) // g
+                p = static[gi]
+            else:
+                gi = col // g
+                if col % g == 0:
+                    current = grid.fit(
+                        W1[:, i : i + g]
+                    )  # the group as updated by the error feedback so far
+                assert current is not None
+                p = current
+            q = grid.quantize(w.unsqueeze(1), p)
+            deq = grid.dequantize(q, p)[:, 0]
+            scales[:, gi] = p.scale[:, 0]
+            zeros[:, gi] = p.zero[:, 0]
+            C1[:, i] = q[:, 0]
+            Q1[:, i] = deq
+            err = (w - deq) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if invperm is not None:
+        Q = Q[:, invperm]
+        codes = codes[:, invperm]
+    return GPTQResult(codes, scales, zeros, Q)

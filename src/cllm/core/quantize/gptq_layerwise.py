@@ -1,0 +1,91 @@
+"""GPTQ over a whole model, one decoder layer at a time, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cllm.core.quantize.calib import Calibration
+from cllm.core.quantize.gptq import HessianAccumulator, gptq_quantize
+from cllm.core.quantize.grid import Grid
+from cllm.core.quantize.layerwise import LayerRunner, linear_modules
+from cllm.core.quantize.methods import GPTQConfig, QuantResult
+from cllm.core.quantize.store import LayerStateStore
+from cllm.formats.checkpoint import Checkpoint
+
+
+def collect_hessians(
+    runner: LayerRunner,
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    linears: dict[str, torch.nn.Linear],
+) -> dict[str, HessianAccumulator]:
+    """One pass of the layer over the calibration set, accumulating each Linear's input Hessian."""
+    accs = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
+    last: list[Any] = [
+        None,
+        None,
+    ]  # (input tensor, its accumulator); holding it keeps its identity unique
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            if last[0] is x:  # q/k/v (and gate/up) read the same tensor: accumulate it once
+                accs[name] = last[1]
+                return
+            accs[name].add(x)
+            last[0], last[1] = x, accs[name]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        runner.forward(layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def run_gptq(
+    ckpt: Checkpoint,
+    grid: Grid,
+    names: list[str],
+    cfg: GPTQConfig,
+    calib: Calibration,
+    store: LayerStateStore,
+    resume: bool = False,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> LayerStateStore:
+    """Quantize every selected Linear; each layer sees inputs from the quantized layers before it."""
+    runner = LayerRunner(ckpt, batch_size=cfg.batch_size)
+    start = store.open(resume)
+    hidden = store.load_hidden() if start > 0 else runner.embed(calib.ids)
+    wanted = set(names)
+    for i in range(start, runner.n_layers):
+        layer = runner.build_layer(i)
+        prefix = runner.layer_prefix(i)
+        linears = {
+            n: m for n, m in linear_modules(layer).items() if prefix + n + ".weight" in wanted
+        }
+        accs = collect_hessians(runner, layer, hidden, linears)
+        results: dict[str, QuantResult] = {}
+        for n, m in linears.items():
+            res = gptq_quantize(
+                m.weight.data,
+                accs[n].H,
+                grid,
+                act_order=cfg.act_order,
+                damp=cfg.damp,
+                blocksize=cfg.blocksize,
+            )
+            m.weight.data = res.weight
+            results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros)
+        hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
+        store.save_layer(i, results, hidden)
+        runner.release_layer(i)
+        if on_layer:
+            on_layer(i, runner.n_layers)
+    return store

@@ -1,0 +1,179 @@
+"""Quantization grids: how a group of weights maps to integer codes and back.
+
+Every method (RTN, GPTQ, AWQ) works against a `Grid`, so the same algorithm can
+target a plain b-bit integer grid (for packed safetensors) or the exact grid of a
+llama.cpp type (block of 32, fp16 scale and min) so that the GGUF it writes is a
+standard file llama.cpp runs at full speed.
+
+Codes are unsigned (0 .. 2^bits-1); a weight is `scale * (code - zero)`. `zero` is
+an integer for int grids and may be fractional for GGUF "_1" types (their min).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cllm.errors import UsageError
+
+
+@dataclass
+class GroupParams:
+    scale: torch.Tensor  # [rows, 1] float32
+    zero: torch.Tensor  # [rows, 1] float32 (code units)
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """b-bit integer codes, one scale (and zero point if asymmetric) per group of columns."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row (per-channel)
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise UsageError(f"--bits {self.bits} is out of range", "Use 2 to 8 bits")
+        if self.group_size != -1 and self.group_size not in (32, 64, 128, 256):
+            raise UsageError(
+                f"--group-size {self.group_size} is not supported",
+                "Use 32, 64, 128, 256 or -1 (per channel)",
+            )
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_width(self, cols: int) -> int:
+        return cols if self.group_size == -1 else self.group_size
+
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        """Scale and zero for each row of a group `w` [rows, group]."""
+        maxq = self.maxq
+        xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
+        xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
+        if self.symmetric:
+            amax = torch.maximum(xmin.abs(), xmax)
+            scale = 2 * amax / maxq
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            zero = torch.full_like(scale, (maxq + 1) / 2)
+        else:
+            scale = (xmax - xmin) / maxq
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            zero = torch.round(-xmin / scale)
+        return GroupParams(scale.float(), zero.float())
+
+    def quantize(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        return torch.clamp(torch.round(w / p.scale) + p.zero, 0, self.maxq)
+
+    def dequantize(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        return p.scale * (q - p.zero)
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+# llama.cpp legacy types: (bits, has_min)
+GGUF_GRIDS = {
+    "Q4_0": (4, False),
+    "Q4_1": (4, True),
+    "Q5_0": (5, False),
+    "Q5_1": (5, True),
+    "Q8_0": (8, False),
+}
+
+
+@dataclass(frozen=True)
+class GGUFGrid:
+    """The exact grid of a llama.cpp block type (32 weights per block, fp16 scale/min).
+
+    Scales follow llama.cpp's reference quantizer (`d = max / -8` for Q4_0, `(max-min)/15`
+    for Q4_1, ...), rounded to fp16 as stored; codes are the nearest point of that grid.
+    """
+
+    qtype: str = "Q4_0"
+
+    def __post_init__(self) -> None:
+        if self.qtype not in GGUF_GRIDS:
+            raise UsageError(
+                f"GGUF type {self.qtype} has no grid cllm can optimise on",
+                "Use Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 (other types go through llama.cpp's quantizer)",
+            )
+
+    @property
+    def group_size(self) -> int:
+        return 32
+
+    @property
+    def bits(self) -> int:
+        return GGUF_GRIDS[self.qtype][0]
+
+    @property
+    def maxq(self) -> int:
+        return 254 if self.qtype == "Q8_0" else (1 << self.bits) - 1
+
+    def group_width(self, cols: int) -> int:
+        return 32
+
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        bits, has_min = GGUF_GRIDS[self.qtype]
+        if self.qtype == "Q8_0":
+            amax = w.abs().max(dim=1, keepdim=True).values
+            d = (amax / 127).half().float()
+            zero = torch.full_like(d, 127.0)
+        elif has_min:
+            lo = w.min(dim=1, keepdim=True).values
+            hi = w.max(dim=1, keepdim=True).values
+            d = ((hi - lo) / ((1 << bits) - 1)).half().float()
+            m = lo.half().float()
+            safe = torch.where(d == 0, torch.ones_like(d), d)
+            zero = -m / safe
+        else:
+            idx = w.abs().argmax(dim=1, keepdim=True)
+            signed_max = torch.gather(w, 1, idx)
+            half = 1 << (bits - 1)
+            d = (signed_max / -half).half().float()
+            zero = torch.full_like(d, float(half))
+        d = torch.where(d == 0, torch.ones_like(d), d) if has_min else d
+        return GroupParams(d, zero)
+
+    def quantize(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        safe = torch.where(p.scale == 0, torch.ones_like(p.scale), p.scale)
+        return torch.clamp(torch.round(w / safe + p.zero), 0, self.maxq)
+
+    def dequantize(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        if GGUF_GRIDS[self.qtype][1]:  # _1 types: llama.cpp computes d*q + m with m stored as fp16
+            m = (-p.zero * p.scale).half().float()
+            return p.scale * q + m
+        return p.scale * (q - p.zero)
+
+    def describe(self) -> str:
+        return f"GGUF {self.qtype} grid"
+
+
+Grid = IntGrid | GGUFGrid
+
+
+def quantize_rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a 2-D weight: (codes, scales [rows, groups], zeros [rows, groups])."""
+    rows, cols = w.shape
+    g = grid.group_width(cols)
+    if cols % g:
+        raise UsageError(f"row length {cols} is not a multiple of the group size {g}")
+    ng = cols // g
+    flat = w.float().reshape(rows * ng, g)  # every group becomes a row: one vectorised fit
+    p = grid.fit(flat)
+    codes = grid.quantize(flat, p).reshape(rows, cols)
+    return codes, p.scale.reshape(rows, ng), p.zero.reshape(rows, ng)
+
+
+def dequantize_groups(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    rows, cols = codes.shape
+    g = cols // scales.shape[1]
+    s = scales.repeat_interleave(g, dim=1)
+    z = zeros.repeat_interleave(g, dim=1)
+    return s * (codes - z)

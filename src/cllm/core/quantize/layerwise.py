@@ -1,0 +1,104 @@
+"""Run a decoder one layer at a time over calibration activations.
+
+Only one decoder layer's weights and the hidden states of the calibration set are
+in memory at once; each layer's inputs come from the already-processed (e.g.
+quantized) previous layers, which is what GPTQ and AWQ need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cllm.errors import InputError
+from cllm.formats.checkpoint import Checkpoint
+
+
+def _config(ckpt: Checkpoint) -> Any:
+    from transformers import AutoConfig
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg = {
+        k: v
+        for k, v in ckpt.config.items()
+        if k not in ("quantization_config", "transformers_version")
+    }
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise InputError(f"{ckpt.path}: config has no model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class LayerRunner:
+    """Builds decoder layer i from the checkpoint's tensors and runs it on batches."""
+
+    def __init__(self, ckpt: Checkpoint, batch_size: int = 8) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.ckpt = ckpt
+        self.config = _config(ckpt)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.n_layers = int(self.config.num_hidden_layers)
+        self.batch_size = batch_size
+        rotary_cls = type(self.skeleton.model.rotary_emb)
+        self.rotary = rotary_cls(config=self.config)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"model.layers.{i}."
+
+    def build_layer(self, i: int) -> torch.nn.Module:
+        layer = self.skeleton.model.layers[i]
+        prefix = self.layer_prefix(i)
+        state = {
+            name[len(prefix) :]: self.ckpt.get(name).float()
+            for name in self.ckpt.tensor_infos()
+            if name.startswith(prefix)
+        }
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise InputError(
+                f"layer {i}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return layer.eval()
+
+    def release_layer(self, i: int) -> None:
+        """Put the layer back on the meta device so its weights are freed."""
+        self.skeleton.model.layers[i] = self.skeleton.model.layers[i].to_empty(device="meta")
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.ckpt.get("model.embed_tokens.weight").float()
+        return torch.nn.functional.embedding(ids, weight)
+
+    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(hidden.shape[1])[None]
+        return self.rotary(hidden[:1], pos)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        hidden: torch.Tensor,
+        on_batch: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Run every calibration sample through one layer, in batches."""
+        pe = self.position_embeddings(hidden)
+        pos = torch.arange(hidden.shape[1])[None]
+        out = torch.empty_like(hidden)
+        for b in range(0, hidden.shape[0], self.batch_size):
+            x = hidden[b : b + self.batch_size]
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            out[b : b + self.batch_size] = y[0] if isinstance(y, tuple) else y
+            if on_batch:
+                on_batch()
+        return out
+
+
+def linear_modules(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layer's Linear modules by name relative to the layer, in execution order."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}

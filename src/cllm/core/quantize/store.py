@@ -1,0 +1,115 @@
+"""Where per-tensor quantization results live between the method and the writer.
+
+RTN computes on demand (streaming, nothing kept); GPTQ writes each finished
+layer to a state folder beside the output, which is also what `--resume` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cllm.core.quantize.grid import Grid, quantize_rtn
+from cllm.core.quantize.methods import QuantResult
+from cllm.formats.checkpoint import Checkpoint
+
+
+class RTNStore:
+    def __init__(self, ckpt: Checkpoint, grid: Grid, names: list[str]) -> None:
+        self.ckpt, self.grid, self.names = ckpt, grid, set(names)
+        self._last: tuple[str, QuantResult] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str) -> QuantResult:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        codes, scales, zeros = quantize_rtn(self.ckpt.get(name).float(), self.grid)
+        res = QuantResult(codes, scales, zeros)
+        self._last = (name, res)
+        return res
+
+
+class LayerStateStore:
+    """Per-layer results on disk: layer-0007.safetensors holds that layer's codes, scales, zeros."""
+
+    def __init__(self, folder: Path, job_id: str, names: list[str]) -> None:
+        self.folder = Path(folder)
+        self.names = set(names)
+        self.job_id = job_id
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    # -- bookkeeping ------------------------------------------------------------
+    def open(self, resume: bool) -> int:
+        """Prepare the folder; return the first layer still to do (0 unless resuming)."""
+        from safetensors.torch import load_file
+
+        meta = self.folder / "state.json"
+        if resume and meta.exists():
+            state = json.loads(meta.read_text())
+            if state.get("job") == self.job_id:
+                done = int(state.get("layers_done", 0))
+                if done == 0 or (self.folder / "hidden.safetensors").exists():
+                    return done
+            from cllm.errors import UsageError
+
+            raise UsageError(
+                f"{self.folder} holds state of a different run",
+                "Use the same input and flags, or drop --resume",
+            )
+        if self.folder.exists():
+            for p in self.folder.iterdir():
+                p.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_json({"job": self.job_id, "layers_done": 0})
+        _ = load_file  # imported here so a missing safetensors fails early
+        return 0
+
+    def _write_json(self, data: dict[str, Any]) -> None:
+        tmp = self.folder / "state.json.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.folder / "state.json")
+
+    def save_layer(self, i: int, results: dict[str, QuantResult], hidden: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, r in results.items():
+            tensors[name + ".codes"] = r.codes.to(torch.uint8).contiguous()
+            tensors[name + ".scales"] = r.scales.contiguous()
+            tensors[name + ".zeros"] = r.zeros.contiguous()
+        for fname, payload in (
+            (f"layer-{i:04d}.safetensors", tensors),
+            ("hidden.safetensors", {"hidden": hidden.contiguous()}),
+        ):
+            tmp = self.folder / (fname + ".tmp")
+            save_file(payload, str(tmp))
+            os.replace(tmp, self.folder / fname)
+        self._write_json({"job": self.job_id, "layers_done": i + 1})
+
+    def load_hidden(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.folder / "hidden.safetensors"))["hidden"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str) -> QuantResult:
+        from safetensors.torch import load_file
+
+        i = int(name.split(".")[2])
+        if i not in self._cache:
+            self._cache = {i: load_file(str(self.folder / f"layer-{i:04d}.safetensors"))}
+        t = self._cache[i]
+        return QuantResult(t[name + ".codes"].float(), t[name + ".scales"], t[name + ".zeros"])
+
+    def cleanup(self) -> None:
+        for p in self.folder.iterdir():
+            p.unlink()
+        self.folder.rmdir()

@@ -1,0 +1,213 @@
+"""Writing quantized models: packed safetensors, dense ("fake") safetensors, GGUF on an
+exact llama.cpp grid, and GGUF through llama.cpp's own quantizer."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cllm.core.quantize.grid import GGUFGrid, IntGrid
+from cllm.errors import RuntimeFailure, UsageError
+from cllm.formats.atomic import atomic_path
+from cllm.formats.checkpoint import Checkpoint
+from cllm.formats.safetensors_io import PlannedTensor
+
+Progress = Callable[[str], None]
+
+
+def _tick(progress: Progress | None, name: str) -> None:
+    if progress:
+        progress(name)
+
+
+def write_fake(
+    out: Path,
+    ckpt: Checkpoint,
+    store: Any,
+    names: list[str],
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Dense fp32 weights holding the dequantized values (for research and for any loader)."""
+    from cllm.formats.save import plan_tensors, save_hf_folder
+
+    plans = []
+    for p in plan_tensors(ckpt, "F32"):
+        if p.name in store:
+
+            def produce(name: str = p.name) -> torch.Tensor:
+                w = store.get(name).dequantize().float()
+                _tick(progress, name)
+                return w
+
+            plans.append(PlannedTensor(p.name, p.shape, "F32", produce))
+        else:
+            plans.append(p)
+    save_hf_folder(out, ckpt.config, plans, ckpt.tokenizer_dir(), provenance, ckpt.gguf_kv)
+    return {"format": "safetensors (dense, dequantized)"}
+
+
+def write_packed(
+    out: Path,
+    ckpt: Checkpoint,
+    store: Any,
+    names: list[str],
+    grid: IntGrid,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """compressed-tensors pack-quantized HF folder: transformers loads it on CPU as is."""
+    from cllm.formats import compressed_tensors as ct
+    from cllm.formats.save import plan_tensors, save_hf_folder
+
+    infos = ckpt.tensor_infos()
+    plans: list[PlannedTensor] = []
+    for p in plan_tensors(ckpt, None):
+        if p.name not in store:
+            plans.append(p)
+            continue
+        rows, cols = infos[p.name].shape
+        prefix = p.name[: -len(".weight")]
+        for key, (shape, dtype) in ct.planned_shapes(
+            rows, cols, grid.bits, grid.group_size, grid.symmetric
+        ).items():
+
+            def produce(name: str = p.name, key: str = key, prefix: str = prefix) -> torch.Tensor:
+                r = store.get(name)
+                tensors = ct.linear_tensors(
+                    prefix,
+                    r.codes,
+                    r.scales,
+                    None if grid.symmetric else r.zeros,
+                    grid.bits,
+                    grid.group_size,
+                )
+                if key == "weight_packed":
+                    _tick(progress, name)
+                return tensors[f"{prefix}.{key}"]
+
+            plans.append(PlannedTensor(f"{prefix}.{key}", shape, dtype, produce))
+    config = dict(ckpt.config)
+    ignore = ["lm_head"] + [
+        n[: -len(".weight")] for n in infos if n.endswith("_proj.weight") and n not in store
+    ]
+    config["quantization_config"] = ct.quantization_config(
+        grid.bits, grid.group_size, grid.symmetric, ignore
+    )
+    save_hf_folder(
+        out,
+        config,
+        plans,
+        ckpt.tokenizer_dir(),
+        provenance,
+        ckpt.gguf_kv,
+        keep_quantization_config=True,
+    )
+    return {"format": f"compressed-tensors pack-quantized ({grid.describe()})"}
+
+
+def write_gguf_grid(
+    out: Path,
+    ckpt: Checkpoint,
+    store: Any,
+    names: list[str],
+    grid: GGUFGrid,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """A standard GGUF whose quantized tensors hold exactly the method's codes and scales.
+
+    Embeddings (the output matrix too, when tied) go to Q8_0 as llama.cpp's own recipes keep
+    them; tensors left out with --keep go to F16; norms stay F32.
+    """
+    from cllm.formats.gguf_io import GGUFTensorPlan, PackedBlocks, write_gguf
+
+    plans = []
+    for name, info in ckpt.tensor_infos().items():
+        qtype: str | None
+        if name in store:
+            qtype = grid.qtype
+
+            def produce(name: str = name) -> Any:
+                r = store.get(name)
+                _tick(progress, name)
+                return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
+
+        else:
+            if len(info.shape) < 2:
+                qtype = "F32"
+            elif (
+                name in ("model.embed_tokens.weight", "lm_head.weight") and info.shape[-1] % 32 == 0
+            ):
+                qtype = "Q8_0"
+            else:
+                qtype = "F16"
+
+            def produce(name: str = name) -> Any:
+                t = ckpt.get(name).float().numpy()
+                _tick(progress, name)
+                return t
+
+        plans.append(GGUFTensorPlan(name, info.shape, produce, qtype))
+    with atomic_path(out) as tmp:
+        counts = write_gguf(
+            tmp, ckpt.config, plans, grid.qtype, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
+        )
+    return {"format": f"GGUF ({grid.describe()})", "types": counts}
+
+
+def write_gguf_llamacpp(
+    out: Path, ckpt: Checkpoint, ftype: str, provenance: dict[str, Any], progress: Progress | None
+) -> dict[str, Any]:
+    """Any llama.cpp type (K-quants, IQ, legacy) with llama.cpp's own quantizer and recipes.
+
+    cllm writes an F32 GGUF of the input (carrying the final provenance, which llama.cpp
+    copies), then calls llama_model_quantize on it.
+    """
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise UsageError(
+            "GGUF K-quant and IQ types need llama-cpp-python", "pip install llama-cpp-python"
+        ) from exc
+    from gguf import GGUFReader
+
+    from cllm.core.native import quiet_stderr
+    from cllm.formats.save import save_gguf
+
+    ftype_id = (
+        getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
+        if ftype not in ("F32",)
+        else llama_cpp.LLAMA_FTYPE_ALL_F32
+    )
+    if ftype_id is None:
+        raise UsageError(f"llama.cpp has no file type {ftype}")
+    from cllm.core.quantize.api import NEEDS_IMATRIX
+
+    if ftype in NEEDS_IMATRIX:
+        raise UsageError(
+            f"llama.cpp's {ftype} needs an importance matrix",
+            "cllm does not compute one yet; pick another type",
+        )
+    with atomic_path(out) as tmp:
+        f32 = tmp.parent / "input-f32.gguf"
+        save_gguf(f32, ckpt, "F32", provenance, progress)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype_id
+        params.nthread = 0
+        with quiet_stderr():
+            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params)
+        f32.unlink()
+        if rc != 0:
+            raise RuntimeFailure(f"llama.cpp's quantizer failed for {ftype} (code {rc})")
+        counts = Counter(t.tensor_type.name for t in GGUFReader(tmp).tensors)
+    return {"format": f"GGUF {ftype} (llama.cpp quantizer)", "types": dict(counts)}
+
+
+def type_mix(report: dict[str, Any]) -> str:
+    return json.dumps(report.get("types", {}), sort_keys=True)

@@ -1,0 +1,130 @@
+"""`cllm quantize` end to end on the tiny model: outputs that existing loaders read, pipes, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cllm.formats.checkpoint import open_checkpoint
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--bits", "4", "--group-size", "32"],
+        ["--bits", "3", "--group-size", "-1"],
+        ["--bits", "8", "--group-size", "64"],
+    ],
+)
+def test_packed_output_loads_in_transformers_like_cllm_reads_it(
+    tiny_model: Path, tmp_path: Path, extra: list[str]
+) -> None:
+    """The published layout check: transformers (compressed-tensors) and cllm's own reader agree exactly."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    p = run_cli("quantize", str(tiny_model), *extra, "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"{out}\n"
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    ids = torch.arange(3, 40)[None]
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    from cllm.core.eval.backends import build_torch_model
+
+    ours = build_torch_model(open_checkpoint(out))
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_gptq_gguf_pipes_into_eval(tiny_model: Path, tiny_text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "g.gguf"
+    q = run_cli(
+        "quantize", str(tiny_model), "--method", "gptq", "--gguf-type", "Q4_0", "--calib", str(tiny_text),
+        "--calib-samples", "8", "--calib-seqlen", "64", "-o", str(out), "--json",
+    )  # fmt: skip
+    assert q.returncode == 0, q.stderr
+    rec = json.loads(q.stdout)
+    assert rec["path"] == str(out) and rec["format"] == "gguf"
+    assert (
+        rec["params"]["method"]["method"] == "gptq"
+        and len(rec["params"]["calibration_sha256"]) == 64
+    )
+    info = json.loads(run_cli("info", str(out), "--json", "--no-sparsity", check=True).stdout)
+    assert info["types"]["Q4_0"]["tensors"] == 14
+    assert info["provenance"][0]["calibration"]["samples"] == 8
+    ev = run_cli(
+        "eval",
+        "-",
+        "-b",
+        "llama.cpp",
+        "--text",
+        str(tiny_text),
+        "--ctx",
+        "64",
+        "--chunks",
+        "2",
+        "--kld-base",
+        str(tiny_model),
+        "--json",
+        stdin=q.stdout,
+    )
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["kld"]["mean"] > 0
+
+
+def test_llamacpp_types_through_its_quantizer(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.gguf"
+    p = run_cli("quantize", str(tiny_model), "--gguf-type", "q4_k_m", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "tensor types" in p.stderr
+    info = json.loads(run_cli("info", str(out), "--json", "--no-sparsity", check=True).stdout)
+    assert info["provenance"][0]["op"] == "quantize"  # llama.cpp copied our provenance key
+    assert set(info["types"]) - {"F32"}  # quantized tensors of some llama.cpp type
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--bits", "9"], "--bits 9"),
+        (["--group-size", "48"], "--group-size 48"),
+        (["--group-size", "256"], "not a multiple of group size 256"),
+        (["--gguf-type", "Q9_9"], "unknown GGUF type"),
+        (["--method", "gptq", "--gguf-type", "Q4_K_M"], "cannot target Q4_K_M"),
+        (["--method", "gptq", "--calib", "/nonexistent.txt"], "calibration file not found"),
+        (["--method", "gptq", "--calib-samples", "100000"], "fewer than"),
+        (["--act-order"], "apply to --method gptq"),
+        (["--to", "gguf"], "needs --gguf-type"),
+    ],
+)
+def test_bad_quantize_arguments(
+    tiny_model: Path, tiny_text: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    if "--method" in args and "--calib" not in args:
+        args = [*args, "--calib", str(tiny_text)]
+    out = tmp_path / "out"
+    p = run_cli("quantize", str(tiny_model), *args, "-o", str(out))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("cllm quantize: error:") and needle in lines[-1], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quantized_input_is_dequantized_with_a_warning(tiny_model: Path, tmp_path: Path) -> None:
+    g = tmp_path / "a.gguf"
+    run_cli(
+        "export", str(tiny_model), "--to", "gguf", "--gguf-type", "Q8_0", "-o", str(g), check=True
+    )
+    p = run_cli(
+        "quantize", str(g), "--bits", "4", "--group-size", "32", "--fake", "-o", str(tmp_path / "b")
+    )
+    assert p.returncode == 0, p.stderr
+    assert "already quantized" in p.stderr
+    prov = open_checkpoint(tmp_path / "b").provenance
+    assert prov is not None and prov["params"]["input_dequantized_from"] == ["Q8_0"]
