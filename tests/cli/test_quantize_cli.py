@@ -93,7 +93,6 @@ def test_llamacpp_types_through_its_quantizer(tiny_model: Path, tmp_path: Path) 
     [
         (["--bits", "9"], "--bits 9"),
         (["--group-size", "48"], "--group-size 48"),
-        (["--group-size", "256"], "not a multiple of group size 256"),
         (["--gguf-type", "Q9_9"], "unknown GGUF type"),
         (["--method", "gptq", "--gguf-type", "Q4_K_M"], "cannot target Q4_K_M"),
         (["--method", "gptq", "--calib", "/nonexistent.txt"], "calibration file not found"),

@@ -32,18 +32,23 @@ def test_rtn_codes_in_range_and_error_bounded(bits: int, sym: bool) -> None:
         assert torch.all(zeros == (1 << (bits - 1)))
     else:
         assert torch.equal(zeros, zeros.round())
-    deq = dequantize_groups(codes, scales, zeros)
+    deq = dequantize_groups(codes, scales, zeros, 32)
     step = scales.repeat_interleave(32, dim=1)
     # nearest rounding: half a step, except the clipped top code of a symmetric grid
     assert torch.all((deq - w).abs() <= step * (1.0 if sym else 0.5) + 1e-6)
 
 
-def test_per_channel_and_bad_group_sizes() -> None:
+def test_per_channel_ragged_and_bad_group_sizes() -> None:
     w = torch.randn(4, 96)
     codes, scales, _ = quantize_rtn(w, IntGrid(4, -1, True))
     assert scales.shape == (4, 1)
+    # 96 = 64 + 32: a shorter last group, fitted on its own columns (as GPTQ does)
+    codes, scales, zeros = quantize_rtn(w, IntGrid(4, 64, True))
+    assert scales.shape == (4, 2)
+    tail = quantize_rtn(w[:, 64:], IntGrid(4, -1, True))
+    assert torch.equal(codes[:, 64:], tail[0]) and torch.equal(scales[:, 1:], tail[1])
     with pytest.raises(UsageError):
-        quantize_rtn(w, IntGrid(4, 64, True))  # 96 is not a multiple of 64
+        quantize_rtn(torch.randn(4, 48), GGUFGrid("Q4_0"))  # GGUF blocks must tile the row
     with pytest.raises(UsageError):
         IntGrid(9, 128, True)
     with pytest.raises(UsageError):
@@ -76,7 +81,7 @@ def test_gptq_beats_rtn_on_layer_output_error(grid: IntGrid | GGUFGrid, act_orde
     H = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize(w, H, grid, act_order=act_order)
     codes, scales, zeros = quantize_rtn(w, grid)
-    rtn = dequantize_groups(codes, scales, zeros)
+    rtn = dequantize_groups(codes, scales, zeros, grid.group_width(128))
 
     def out_err(q: torch.Tensor) -> float:
         return float(((x @ q.t() - x @ w.t()) ** 2).mean())
@@ -84,7 +89,9 @@ def test_gptq_beats_rtn_on_layer_output_error(grid: IntGrid | GGUFGrid, act_orde
     assert out_err(res.weight) < 0.8 * out_err(rtn)
     # what GPTQ returns is self-consistent: codes and scales reproduce its weights
     assert torch.allclose(
-        dequantize_groups(res.codes, res.scales, res.zeros), res.weight, atol=1e-5
+        dequantize_groups(res.codes, res.scales, res.zeros, grid.group_width(128)),
+        res.weight,
+        atol=1e-5,
     )
     assert res.codes.min() >= 0 and res.codes.max() <= grid.maxq
 

@@ -112,7 +112,7 @@ def _write_packed(src: Path, dst: Path, bits: int, group: int, symmetric: bool) 
     for name, t in load_file(src / "model.safetensors").items():
         if name.endswith("_proj.weight"):
             codes, scales, zeros = quantize_rtn(t, grid)
-            fake[name] = dequantize_groups(codes, scales, zeros)
+            fake[name] = dequantize_groups(codes, scales, zeros, grid.group_width(t.shape[1]))
             prefix = name.removesuffix(".weight")
             tensors.update(
                 ct.linear_tensors(prefix, codes, scales, None if symmetric else zeros, bits, group)

@@ -126,7 +126,7 @@ def test_round_trip_and_gguf_dequantize(qtype: str) -> None:
         np.testing.assert_array_equal(z2, zero)
 
         expect = dequantize_groups(
-            torch.from_numpy(codes).float(), torch.from_numpy(scale), torch.from_numpy(zero)
+            torch.from_numpy(codes).float(), torch.from_numpy(scale), torch.from_numpy(zero), 32
         ).numpy()
         got = dequantize(packed, gtype(qtype))
         if spec.has_min:  # llama.cpp computes d*q + m; zero = -m/d is a float32 rounding of m
@@ -160,7 +160,7 @@ def test_ggufgrid_packs_to_what_llama_cpp_decodes(qtype: str) -> None:
         codes, scale, zero = quantize_rtn(torch.from_numpy(w), grid)
         packed = pack_blocks(qtype, codes, scale, zero)
         got = dequantize(packed, gtype(qtype))
-        expect = dequantize_groups(codes, scale, zero).numpy()
+        expect = dequantize_groups(codes, scale, zero, 32).numpy()
         s = np.repeat(np.abs(scale.numpy()), 32, axis=1)
         if spec.has_min:
             z = np.repeat(np.abs(zero.numpy()), 32, axis=1)

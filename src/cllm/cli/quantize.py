@@ -223,6 +223,8 @@ def _quantize(
             on_layer=lambda i, n: advance(description=f"layer {i + 1}/{n}"),
             calibration=calibration,
         )  # fmt: skip
+    if report.get("note"):
+        warn(str(report["note"]))
     types = report.get("types")
     if types:
         log(

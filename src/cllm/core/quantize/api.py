@@ -15,6 +15,7 @@ from cllm.core.quantize.methods import (
     MethodConfig,
     RTNConfig,
     check_divisible,
+    loadable_group_size,
     select_tensors,
 )
 from cllm.errors import UsageError
@@ -92,6 +93,16 @@ def quantize(
 
         return write_gguf_llamacpp(out, ckpt, str(target.gguf_type).upper(), provenance, progress)
     check_divisible(ckpt, names, grid)
+    notes: dict[str, Any] = {}
+    if isinstance(grid, IntGrid) and not target.fake:
+        usable = loadable_group_size(ckpt, names, grid.group_size)
+        if usable != grid.group_size:
+            notes["group_size_used"] = usable
+            notes["note"] = (
+                f"group size {grid.group_size} does not divide every row, which compressed-tensors loaders require; "
+                f"used {'per-channel' if usable == -1 else usable} (--fake keeps {grid.group_size} with a shorter last group)"
+            )
+            grid = IntGrid(grid.bits, usable, grid.symmetric)
     if isinstance(method, GPTQConfig):
         from cllm.core.quantize.gptq_layerwise import run_gptq
         from cllm.core.quantize.store import LayerStateStore
@@ -116,6 +127,7 @@ def quantize(
     if isinstance(method, GPTQConfig):
         store.cleanup()
     report["quantized_tensors"] = len(names)
+    report.update(notes)
     return report
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.core.quantize.grid import Grid, GroupParams
+from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams
 from cllm.errors import RuntimeFailure
 
 
@@ -62,9 +62,9 @@ def gptq_quantize(
     W = W.detach().float().clone()
     rows, cols = W.shape
     g = grid.group_width(cols)
-    if cols % g:
-        raise RuntimeFailure(f"row length {cols} is not a multiple of the group size {g}")
-    n_groups = cols // g
+    if cols % g and isinstance(grid, GGUFGrid):
+        raise RuntimeFailure(f"row length {cols} is not a multiple of the {grid.qtype} block of 32")
+    n_groups = -(-cols // g)  # a shorter last group when g does not divide cols
     blocksize = (
         max(blocksize // g, 1) * g
     )  # a block holds whole groups, so a group never waits on lazy updates

@@ -82,7 +82,8 @@ def run_gptq(
                 blocksize=cfg.blocksize,
             )
             m.weight.data = res.weight
-            results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros)
+            group = grid.group_width(m.in_features)
+            results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros, group)
         hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
         store.save_layer(i, results, hidden)
         runner.release_layer(i)

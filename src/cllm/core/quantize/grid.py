@@ -156,24 +156,51 @@ class GGUFGrid:
 Grid = IntGrid | GGUFGrid
 
 
+def n_groups(cols: int, group: int) -> int:
+    """Groups per row; the last one is shorter when `group` does not divide `cols` (as in GPTQ)."""
+    return -(-cols // group)
+
+
 def quantize_rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of a 2-D weight: (codes, scales [rows, groups], zeros [rows, groups])."""
     rows, cols = w.shape
     g = grid.group_width(cols)
+    w = w.float()
+    full = cols // g
+    parts = []
+    if full:
+        flat = w[:, : full * g].reshape(
+            rows * full, g
+        )  # every group becomes a row: one vectorised fit
+        p = grid.fit(flat)
+        parts.append(
+            (
+                grid.quantize(flat, p).reshape(rows, full * g),
+                p.scale.reshape(rows, full),
+                p.zero.reshape(rows, full),
+            )
+        )
     if cols % g:
-        raise UsageError(f"row length {cols} is not a multiple of the group size {g}")
-    ng = cols // g
-    flat = w.float().reshape(rows * ng, g)  # every group becomes a row: one vectorised fit
-    p = grid.fit(flat)
-    codes = grid.quantize(flat, p).reshape(rows, cols)
-    return codes, p.scale.reshape(rows, ng), p.zero.reshape(rows, ng)
+        if isinstance(grid, GGUFGrid):
+            raise UsageError(f"row length {cols} is not a multiple of the {grid.qtype} block of 32")
+        tail = w[:, full * g :]
+        p = grid.fit(tail)
+        parts.append((grid.quantize(tail, p), p.scale, p.zero))
+    codes = torch.cat([c for c, _, _ in parts], dim=1)
+    return (
+        codes,
+        torch.cat([s for _, s, _ in parts], dim=1),
+        torch.cat([z for _, _, z in parts], dim=1),
+    )
 
 
 def dequantize_groups(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
 ) -> torch.Tensor:
-    rows, cols = codes.shape
-    g = cols // scales.shape[1]
-    s = scales.repeat_interleave(g, dim=1)
-    z = zeros.repeat_interleave(g, dim=1)
+    """scale * (code - zero), each scale covering `group` columns (the last group may be shorter)."""
+    cols = codes.shape[1]
+    if scales.shape[1] == 1:
+        group = cols
+    s = scales.repeat_interleave(group, dim=1)[:, :cols]
+    z = zeros.repeat_interleave(group, dim=1)[:, :cols]
     return s * (codes - z)

@@ -8,13 +8,13 @@ the target grid and the tensors to quantize, yields per-tensor results.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from cllm.core.quantize.grid import Grid, quantize_rtn
+from cllm.core.quantize.grid import GGUFGrid, Grid
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -27,11 +27,12 @@ class QuantResult:
     codes: torch.Tensor  # [rows, cols] integer-valued
     scales: torch.Tensor  # [rows, groups]
     zeros: torch.Tensor  # [rows, groups]
+    group_size: int  # columns per scale (the last group may be shorter)
 
     def dequantize(self) -> torch.Tensor:
         from cllm.core.quantize.grid import dequantize_groups
 
-        return dequantize_groups(self.codes, self.scales, self.zeros)
+        return dequantize_groups(self.codes, self.scales, self.zeros, self.group_size)
 
 
 @dataclass
@@ -85,26 +86,27 @@ def select_tensors(ckpt: Checkpoint, keep: list[str]) -> list[str]:
 
 
 def check_divisible(ckpt: Checkpoint, names: list[str], grid: Grid) -> None:
+    """GGUF blocks must tile a row exactly; int groups may end in a shorter group."""
+    if not isinstance(grid, GGUFGrid):
+        return
     for n in names:
         cols = ckpt.tensor_infos()[n].shape[1]
-        g = grid.group_width(cols)
-        if cols % g:
+        if cols % 32:
             raise UsageError(
-                f"tensor {n} has rows of {cols}, not a multiple of group size {g}",
-                "Pick a group size that divides it, or --keep that tensor",
+                f"tensor {n} has rows of {cols}, not a multiple of the {grid.qtype} block of 32",
+                "--keep that tensor or choose another type",
             )
 
 
-def run_rtn(
-    ckpt: Checkpoint,
-    grid: Grid,
-    names: list[str],
-    cfg: RTNConfig,
-    progress: Progress | None = None,
-    **_: Any,
-) -> Iterator[tuple[str, QuantResult]]:
-    for n in names:
-        codes, scales, zeros = quantize_rtn(ckpt.get(n).float(), grid)
-        if progress:
-            progress(n)
-        yield n, QuantResult(codes, scales, zeros)
+def loadable_group_size(ckpt: Checkpoint, names: list[str], group: int) -> int:
+    """compressed-tensors loaders need the group size to divide every row: the largest
+    size <= `group` (down to 32) that does, or -1 (per channel) when none does."""
+    if group == -1:
+        return -1
+    cols = {ckpt.tensor_infos()[n].shape[1] for n in names}
+    g = group
+    while g >= 32:
+        if all(c % g == 0 for c in cols):
+            return g
+        g //= 2
+    return -1

@@ -29,8 +29,9 @@ class RTNStore:
     def get(self, name: str) -> QuantResult:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
-        codes, scales, zeros = quantize_rtn(self.ckpt.get(name).float(), self.grid)
-        res = QuantResult(codes, scales, zeros)
+        w = self.ckpt.get(name).float()
+        codes, scales, zeros = quantize_rtn(w, self.grid)
+        res = QuantResult(codes, scales, zeros, self.grid.group_width(w.shape[1]))
         self._last = (name, res)
         return res
 
@@ -83,6 +84,7 @@ class LayerStateStore:
             tensors[name + ".codes"] = r.codes.to(torch.uint8).contiguous()
             tensors[name + ".scales"] = r.scales.contiguous()
             tensors[name + ".zeros"] = r.zeros.contiguous()
+            tensors[name + ".group"] = torch.tensor([r.group_size])
         for fname, payload in (
             (f"layer-{i:04d}.safetensors", tensors),
             ("hidden.safetensors", {"hidden": hidden.contiguous()}),
@@ -107,7 +109,12 @@ class LayerStateStore:
         if i not in self._cache:
             self._cache = {i: load_file(str(self.folder / f"layer-{i:04d}.safetensors"))}
         t = self._cache[i]
-        return QuantResult(t[name + ".codes"].float(), t[name + ".scales"], t[name + ".zeros"])
+        return QuantResult(
+            t[name + ".codes"].float(),
+            t[name + ".scales"],
+            t[name + ".zeros"],
+            int(t[name + ".group"]),
+        )
 
     def cleanup(self) -> None:
         for p in self.folder.iterdir():
