@@ -78,6 +78,11 @@ def quantize_cmd(
     damp: float = typer.Option(
         0.01, "--damp", help="GPTQ: Hessian damping, as a fraction of its mean diagonal."
     ),
+    calib_dtype: str = typer.Option(
+        "auto",
+        "--calib-dtype",
+        help="GPTQ: calibration forward passes in auto (bf16 where the CPU has it), fp32 or bf16.",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="GPTQ: continue a killed run from its last finished layer."
     ),
@@ -112,7 +117,7 @@ def quantize_cmd(
     """
     _quantize(
         checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, keep,
-        calib, calib_samples, calib_seqlen, seed, act_order, damp, resume, output, force, dry_run, as_json,
+        calib, calib_samples, calib_seqlen, seed, act_order, damp, calib_dtype, resume, output, force, dry_run, as_json,
     )  # fmt: skip
 
 
@@ -133,6 +138,7 @@ def _quantize(
     seed: int,
     act_order: bool,
     damp: float,
+    calib_dtype: str,
     resume: bool,
     output: Path | None,
     force: bool,
@@ -158,9 +164,13 @@ def _quantize(
     )  # fmt: skip
     cfg: MethodConfig
     if method == "gptq":
+        from cllm.core.quantize.layerwise import resolve_compute_dtype
+
         cfg = GPTQConfig(act_order=act_order, damp=damp, calib=str(calib) if calib else None,
-                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)  # fmt: skip
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+                         compute_dtype=calib_dtype)  # fmt: skip
         cfg.validate()
+        cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype)  # provenance records what ran
     else:
         if act_order or resume:
             raise UsageError("--act-order and --resume apply to --method gptq only")

@@ -134,6 +134,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self.format = "safetensors"
         self._handles: dict[Path, Any] = {}
         self._packed: dict[str, Any] = {}
+        self._spans: dict[str, tuple[int, int, TensorInfo]] = {}  # raw tensors as stored
 
     # -- constructors ----------------------------------------------------------
     @classmethod
@@ -195,6 +196,8 @@ class SafetensorsCheckpoint(Checkpoint):
                     raise InputError(f"tensor {name} appears in two shards")
                 self._infos[name] = info
                 self._where[name] = shard
+                begin, end = header.offsets[name]
+                self._spans[name] = (header.data_start + begin, end - begin, info)
             if not self._metadata:
                 self._metadata = header.metadata
         self._packed = self._map_packed_linears()
@@ -243,14 +246,28 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._raw_get(name)
 
     def _raw_get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """Read one tensor's bytes with a plain read, not a memory map.
+
+        A memory map would leave every tensor read so far resident in this process
+        (counted in its RSS until the map closes); a read into a fresh buffer keeps the
+        footprint of a tensor-by-tensor pass near the largest tensor.
+        """
+        import torch
 
         shard = self._where[name]
+        start, nbytes, info = self._spans[name]
         handle = self._handles.get(shard)
         if handle is None:
-            handle = safe_open(str(shard), framework="pt")
+            handle = open(shard, "rb")  # noqa: SIM115 - kept open for the checkpoint's lifetime
             self._handles[shard] = handle
-        return handle.get_tensor(name)
+        dtype = _torch_dtype(info.dtype)
+        if nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = bytearray(nbytes)
+        handle.seek(start)
+        if handle.readinto(buf) != nbytes:
+            raise InputError(f"{shard} is truncated at tensor {name}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -362,6 +379,22 @@ def write_safetensors_file(
                     f"tensor {t.name}: produced {got}{list(tensor.shape)}, planned {t.dtype}{list(t.shape)}"
                 )
             fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+_ST_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+    "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def _torch_dtype(code: str) -> Any:
+    import torch
+
+    dtype = getattr(torch, _ST_TORCH_NAMES[code], None)
+    if dtype is None:
+        raise InputError(f"safetensors dtype {code} is not supported by this torch")
+    return dtype
 
 
 def torch_dtype_name(dtype: Any) -> str:

@@ -88,10 +88,18 @@ def quantize(
     """Run the method and write the output. Returns a report (types used, tensors quantized)."""
     grid = target.grid(method)
     names = select_tensors(ckpt, target.keep)
-    if grid is None:  # RTN to a llama.cpp type: llama.cpp's quantizer and recipes do it all
-        from cllm.core.quantize.writers import write_gguf_llamacpp
+    if grid is None:  # RTN to a llama.cpp type
+        from cllm.core.quantize import writers
+        from cllm.formats.gguf_io import WRITABLE_TYPES
 
-        return write_gguf_llamacpp(out, ckpt, str(target.gguf_type).upper(), provenance, progress)
+        gtype = str(target.gguf_type).upper()
+        if gtype in WRITABLE_TYPES and gtype not in ("F32", "F16", "BF16"):
+            # the same blocks llama.cpp writes, streamed by cllm: memory stays near one tensor
+            report = writers.write_gguf_rtn(out, ckpt, names, gtype, provenance, progress)
+        else:  # K-quants, IQ and float types: llama.cpp's own quantizer and recipes
+            report = writers.write_gguf_llamacpp(out, ckpt, gtype, provenance, progress)
+        report["quantized_tensors"] = len(names)
+        return report
     check_divisible(ckpt, names, grid)
     notes: dict[str, Any] = {}
     if isinstance(grid, IntGrid) and not target.fake:

