@@ -1,8 +1,9 @@
 """`make demo`: the main job on the default model, as a user would run it from a shell.
 
-Converts the embedded SmolLM2-135M, writes Q8_0 and Q4_0 GGUFs, evaluates the base
-(torch) and each GGUF (llama.cpp) with KL divergence against the base, then prints
-one summary table. Set DEMO_CHUNKS to change how many 512-token chunks are scored.
+Converts the embedded SmolLM2-135M, exports Q8_0 and Q4_0 GGUFs, quantizes it with
+llama.cpp's Q4_K_M recipe and with GPTQ onto the Q4_0 and Q5_0 grids, evaluates the base
+(torch) and every GGUF (llama.cpp) with KL divergence against the base, then prints one
+size / perplexity / KLD table. DEMO_CHUNKS sets how many 512-token chunks are scored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from rich.table import Table
 
 OUT = Path(os.environ.get("DEMO_OUT", "demo-out"))
 CHUNKS = os.environ.get("DEMO_CHUNKS", "8")
+# a small calibration set keeps the demo to a few minutes; bench/quantize.py uses 128 x 512
+CALIB = ["--calib-samples", os.environ.get("DEMO_CALIB_SAMPLES", "32"), "--calib-seqlen", "256"]
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -67,7 +70,32 @@ def main() -> None:
                 "--json",
             )
         )
-        rows.append((f"{gtype} GGUF", "llama.cpp", info, res))
+        rows.append((f"{gtype} GGUF (export)", "llama.cpp", info, res))
+    quantized = [
+        ("Q4_K_M GGUF (llama.cpp recipe)", ["--gguf-type", "Q4_K_M"]),
+        ("Q4_0 GGUF (GPTQ)", ["--method", "gptq", "--gguf-type", "Q4_0", *CALIB]),
+        ("Q5_0 GGUF (GPTQ)", ["--method", "gptq", "--gguf-type", "Q5_0", *CALIB]),
+    ]
+    for label, args in quantized:
+        name = label.split(" (")[0].replace(" ", "-") + ("-gptq" if "GPTQ" in label else "")
+        path = cllm(
+            "quantize", "smollm2-135m", *args, "-o", str(OUT / f"smollm2-135m.{name}.gguf")
+        ).strip()
+        info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
+        res = json.loads(
+            cllm(
+                "eval",
+                path,
+                "--backend",
+                "llama.cpp",
+                "--kld-base",
+                "smollm2-135m",
+                "--chunks",
+                CHUNKS,
+                "--json",
+            )
+        )
+        rows.append((label, "llama.cpp", info, res))
 
     proto = base["protocol"]
     table = Table(
