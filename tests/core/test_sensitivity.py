@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from cllm.core.eval.data import load_tokens, make_chunks
-from cllm.core.quantize.sensitivity import TYPE_BPW, SensitivityReport, allocate, measure_sensitivity
+from cllm.core.quantize.sensitivity import (
+    TYPE_BPW,
+    SensitivityReport,
+    allocate,
+    measure_sensitivity,
+)
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import open_checkpoint
 

@@ -1,4 +1,4 @@
-"""`cllm quantize`: RTN and GPTQ to packed safetensors or GGUF, and every llama.cpp type."""
+"""`cllm quantize`: RTN, GPTQ and AWQ to packed safetensors or GGUF, and every llama.cpp type."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ from cllm.errors import UsageError
 class Method(str, Enum):
     rtn = "rtn"
     gptq = "gptq"
+    awq = "awq"
+
+
+class AWQThen(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
 
 
 class To(str, Enum):
@@ -34,7 +40,7 @@ class To(str, Enum):
 def quantize_cmd(
     checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
     method: Method = typer.Option(
-        Method.rtn, "--method", "-m", help="rtn (no data) or gptq (calibrated)."
+        Method.rtn, "--method", "-m", help="rtn (no data), gptq or awq (calibrated)."
     ),
     bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight for --to safetensors (2-8)."),
     group_size: int = typer.Option(
@@ -54,7 +60,7 @@ def quantize_cmd(
     gguf_type: str = typer.Option(
         None,
         "--gguf-type",
-        help="GGUF type: any llama.cpp type (Q8_0 ... Q2_K, K-quants, IQ4_NL...); GPTQ targets Q4_0/Q4_1/Q5_0/Q5_1/Q8_0.",
+        help="GGUF type: any llama.cpp type (Q8_0 ... Q2_K, K-quants, IQ4_NL...); GPTQ and AWQ target Q4_0/Q4_1/Q5_0/Q5_1/Q8_0.",
     ),
     fake: bool = typer.Option(
         False, "--fake", help="Write dense dequantized weights instead of packed integers."
@@ -72,19 +78,29 @@ def quantize_cmd(
         512, "--calib-seqlen", help="Tokens per calibration sequence."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    awq_then: AWQThen = typer.Option(
+        AWQThen.rtn, "--awq-then", help="AWQ: quantize the scaled weights with rtn or gptq."
+    ),
+    awq_grid: int = typer.Option(
+        20, "--awq-grid", help="AWQ: scale exponents tried, alpha = 0, 1/N, ..., (N-1)/N."
+    ),
     act_order: bool = typer.Option(
-        False, "--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal."
+        False,
+        "--act-order",
+        help="GPTQ (and --awq-then gptq): visit columns by decreasing Hessian diagonal.",
     ),
     damp: float = typer.Option(
-        0.01, "--damp", help="GPTQ: Hessian damping, as a fraction of its mean diagonal."
+        0.01,
+        "--damp",
+        help="GPTQ (and --awq-then gptq): Hessian damping, as a fraction of its mean diagonal.",
     ),
     calib_dtype: str = typer.Option(
         "auto",
         "--calib-dtype",
-        help="GPTQ: calibration forward passes in auto (bf16 where the CPU has it), fp32 or bf16.",
+        help="GPTQ/AWQ: calibration forward passes in auto (bf16 where the CPU has it), fp32 or bf16.",
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="GPTQ: continue a killed run from its last finished layer."
+        False, "--resume", help="GPTQ/AWQ: continue a killed run from its last finished layer."
     ),
     output: Path = typer.Option(
         None,
@@ -102,14 +118,19 @@ def quantize_cmd(
 ) -> None:
     """Quantize a model's linear weights.
 
-    RTN streams tensor by tensor; GPTQ runs layer by layer on calibration text,
-    each layer seeing the outputs of the already-quantized layers before it.
-    Safetensors output is compressed-tensors "pack-quantized", which transformers
-    loads directly; GGUF output from GPTQ lies exactly on the llama.cpp type's grid.
+    RTN streams tensor by tensor; GPTQ and AWQ run layer by layer on calibration
+    text, each layer seeing the outputs of the already-quantized layers before it.
+    AWQ scales the weight columns of large-activation channels before quantizing
+    (by RTN, or GPTQ with --awq-then gptq) and folds the inverse scales into the
+    norms. Safetensors output is compressed-tensors "pack-quantized", which
+    transformers loads directly; GGUF output from GPTQ or AWQ lies exactly on the
+    llama.cpp type's grid.
 
     Example:
 
         cllm quantize smollm2-135m --method gptq --bits 4 --group-size 128
+
+        cllm quantize smollm2-135m --method awq --bits 4 --group-size 128
 
         cllm quantize smollm2-135m --to gguf --gguf-type Q4_K_M
 
@@ -117,7 +138,8 @@ def quantize_cmd(
     """
     _quantize(
         checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, keep,
-        calib, calib_samples, calib_seqlen, seed, act_order, damp, calib_dtype, resume, output, force, dry_run, as_json,
+        calib, calib_samples, calib_seqlen, seed, awq_then.value, awq_grid, act_order, damp, calib_dtype, resume,
+        output, force, dry_run, as_json,
     )  # fmt: skip
 
 
@@ -136,6 +158,8 @@ def _quantize(
     calib_samples: int,
     calib_seqlen: int,
     seed: int,
+    awq_then: str,
+    awq_grid: int,
     act_order: bool,
     damp: float,
     calib_dtype: str,
@@ -147,7 +171,7 @@ def _quantize(
 ) -> None:
     from cllm.cli.resolve import open_spec
     from cllm.core.quantize.api import Target, quantize
-    from cllm.core.quantize.methods import GPTQConfig, MethodConfig, RTNConfig
+    from cllm.core.quantize.methods import AWQConfig, GPTQConfig, MethodConfig, RTNConfig
     from cllm.formats.checkpoint import open_checkpoint
     from cllm.formats.provenance import make_provenance, provenance_id
 
@@ -162,18 +186,26 @@ def _quantize(
         to=target_to, bits=bits, group_size=group_size, symmetric=symmetric,
         gguf_type=gguf_type.upper() if gguf_type else None, fake=fake, keep=list(keep),
     )  # fmt: skip
+    layered = method in ("gptq", "awq")  # calibrated, layer by layer
+    if method != "awq" and (awq_then != "rtn" or awq_grid != 20):
+        raise UsageError("--awq-then and --awq-grid apply to --method awq only")
     cfg: MethodConfig
-    if method == "gptq":
+    if layered:
         from cllm.core.quantize.layerwise import resolve_compute_dtype
 
-        cfg = GPTQConfig(act_order=act_order, damp=damp, calib=str(calib) if calib else None,
-                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
-                         compute_dtype=calib_dtype)  # fmt: skip
+        if method == "awq":
+            cfg = AWQConfig(grid_points=awq_grid, then=awq_then, act_order=act_order, damp=damp,
+                            calib=str(calib) if calib else None, calib_samples=calib_samples,
+                            calib_seqlen=calib_seqlen, seed=seed, compute_dtype=calib_dtype)  # fmt: skip
+        else:
+            cfg = GPTQConfig(act_order=act_order, damp=damp, calib=str(calib) if calib else None,
+                             calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+                             compute_dtype=calib_dtype)  # fmt: skip
         cfg.validate()
         cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype)  # provenance records what ran
     else:
         if act_order or resume:
-            raise UsageError("--act-order and --resume apply to --method gptq only")
+            raise UsageError("--act-order and --resume apply to --method gptq or awq only")
         cfg = RTNConfig()
     grid = target.grid(cfg)  # validates bits, group size and type before any heavy work
     ckpt, spec = open_spec(checkpoint)
@@ -184,7 +216,7 @@ def _quantize(
             f"{spec.text} is already quantized ({', '.join(already)}); its weights are dequantized first"
         )
     calibration = None
-    if method == "gptq":
+    if layered:
         from cllm.core.quantize.calib import default_calibration_file, load_calibration
 
         calibration = load_calibration(
@@ -219,17 +251,16 @@ def _quantize(
         "quantize", params, ckpt.sha256, ckpt.provenance, str(ckpt.path),
         calibration=calibration.to_provenance() if calibration is not None else None, seed=seed if calibration is not None else None,
     )  # fmt: skip
+    label = method.upper() + (" then GPTQ" if method == "awq" and awq_then == "gptq" else "")
     log(
-        f"quantizing {spec.text} with {method.upper()} on {grid.describe() if grid else 'llama.cpp ' + str(target.gguf_type)}",
+        f"quantizing {spec.text} with {label} on {grid.describe() if grid else 'llama.cpp ' + str(target.gguf_type)}",
         level=0,
     )
     n_layers = int(ckpt.config.get("num_hidden_layers", 0))
-    with progress(
-        "layers" if method == "gptq" else "tensors", n_layers if method == "gptq" else None
-    ) as advance:
+    with progress("layers" if layered else "tensors", n_layers if layered else None) as advance:
         report = quantize(
             ckpt, cfg, target, out, prov, resume=resume,
-            progress=(lambda _n: advance()) if method != "gptq" else None,
+            progress=(lambda _n: advance()) if not layered else None,
             on_layer=lambda i, n: advance(description=f"layer {i + 1}/{n}"),
             calibration=calibration,
         )  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cllm.core.quantize.awq import AWQConfig, run_awq
 from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, Grid, IntGrid
 from cllm.core.quantize.methods import (
     GPTQConfig,
@@ -111,15 +112,22 @@ def quantize(
                 f"used {'per-channel' if usable == -1 else usable} (--fake keeps {grid.group_size} with a shorter last group)"
             )
             grid = IntGrid(grid.bits, usable, grid.symmetric)
-    if isinstance(method, GPTQConfig):
-        from cllm.core.quantize.gptq_layerwise import run_gptq
+    layered = isinstance(method, (GPTQConfig, AWQConfig))
+    if isinstance(method, (GPTQConfig, AWQConfig)):
         from cllm.core.quantize.store import LayerStateStore
 
         method.validate()
         if calibration is None:
-            raise UsageError("GPTQ needs calibration data")
+            raise UsageError(f"{method.method.upper()} needs calibration data")
         store: Any = LayerStateStore(state_dir(out), provenance["id"], names)
-        run_gptq(ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer)
+        if isinstance(method, AWQConfig):
+            run_awq(ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer)
+        else:
+            from cllm.core.quantize.gptq_layerwise import run_gptq
+
+            run_gptq(
+                ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer
+            )
     else:
         from cllm.core.quantize.store import RTNStore
 
@@ -132,7 +140,7 @@ def quantize(
         report = writers.write_fake(out, ckpt, store, names, provenance, progress)
     else:
         report = writers.write_packed(out, ckpt, store, names, grid, provenance, progress)
-    if isinstance(method, GPTQConfig):
+    if layered:
         store.cleanup()
     report["quantized_tensors"] = len(names)
     report.update(notes)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cllm.core.quantize.awq import AWQConfig
 from cllm.core.quantize.grid import GGUFGrid, Grid
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
@@ -64,17 +65,20 @@ class GPTQConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.compute_dtype not in ("auto", "fp32", "bf16"):
-            raise UsageError(
-                f"--calib-dtype {self.compute_dtype} is not supported", "Use auto, fp32 or bf16"
-            )
-        if not 0 < self.damp < 1:
-            raise UsageError(
-                f"--damp {self.damp} is out of range", "Use a value in (0, 1), e.g. 0.01"
-            )
+        check_calibrated_options(self.compute_dtype, self.damp)
 
 
-MethodConfig = RTNConfig | GPTQConfig
+def check_calibrated_options(compute_dtype: str, damp: float) -> None:
+    """Options GPTQ and AWQ share."""
+    if compute_dtype not in ("auto", "fp32", "bf16"):
+        raise UsageError(
+            f"--calib-dtype {compute_dtype} is not supported", "Use auto, fp32 or bf16"
+        )
+    if not 0 < damp < 1:
+        raise UsageError(f"--damp {damp} is out of range", "Use a value in (0, 1), e.g. 0.01")
+
+
+MethodConfig = RTNConfig | GPTQConfig | AWQConfig
 Progress = Callable[[str], None]
 
 

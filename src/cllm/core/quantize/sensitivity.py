@@ -59,7 +59,9 @@ def measure_sensitivity(
 
     for c in candidates:
         if c not in GGUF_GRIDS:
-            raise UsageError(f"sensitivity candidate {c} is not supported", "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0")
+            raise UsageError(
+                f"sensitivity candidate {c} is not supported", "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"
+            )
     model = build_torch_model(ckpt)
     layers = model.model.layers
     n_layers = len(layers)
@@ -103,7 +105,9 @@ def measure_sensitivity(
             grid = GGUFGrid(c)
             for n, m in linears.items():
                 codes, scales, zeros = quantize_rtn(originals[n], grid)
-                per_col = GroupParams(scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1))
+                per_col = GroupParams(
+                    scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1)
+                )
                 m.weight.data = grid.dequantize(codes, per_col)
             kld[i][j] = tail_kld(i)
             step += 1

@@ -1,13 +1,16 @@
 """Where per-tensor quantization results live between the method and the writer.
 
-RTN computes on demand (streaming, nothing kept); GPTQ writes each finished
+RTN computes on demand (streaming, nothing kept); GPTQ and AWQ write each finished
 layer to a state folder beside the output, which is also what `--resume` reads.
+AWQ also changes some tensors it leaves unquantized (it folds its scales into the
+norm weights): the store carries those too, and the writers take them from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ import torch
 from cllm.core.quantize.grid import Grid, quantize_rtn
 from cllm.core.quantize.methods import QuantResult
 from cllm.formats.checkpoint import Checkpoint
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class RTNStore:
@@ -35,9 +40,14 @@ class RTNStore:
         self._last = (name, res)
         return res
 
+    def get_dense(self, name: str) -> torch.Tensor | None:
+        """RTN changes no unquantized tensor."""
+        return None
+
 
 class LayerStateStore:
-    """Per-layer results on disk: layer-0007.safetensors holds that layer's codes, scales, zeros."""
+    """Per-layer results on disk: layer-0007.safetensors holds that layer's codes, scales, zeros,
+    and `<name>.dense` for each unquantized tensor of the layer the method replaced."""
 
     def __init__(self, folder: Path, job_id: str, names: list[str]) -> None:
         self.folder = Path(folder)
@@ -76,7 +86,13 @@ class LayerStateStore:
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.folder / "state.json")
 
-    def save_layer(self, i: int, results: dict[str, QuantResult], hidden: torch.Tensor) -> None:
+    def save_layer(
+        self,
+        i: int,
+        results: dict[str, QuantResult],
+        hidden: torch.Tensor,
+        extra_tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         from safetensors.torch import save_file
 
         tensors = {}
@@ -85,6 +101,8 @@ class LayerStateStore:
             tensors[name + ".scales"] = r.scales.contiguous()
             tensors[name + ".zeros"] = r.zeros.contiguous()
             tensors[name + ".group"] = torch.tensor([r.group_size])
+        for name, t in (extra_tensors or {}).items():
+            tensors[name + ".dense"] = t.detach().float().contiguous()
         for fname, payload in (
             (f"layer-{i:04d}.safetensors", tensors),
             ("hidden.safetensors", {"hidden": hidden.contiguous()}),
@@ -102,19 +120,31 @@ class LayerStateStore:
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
-    def get(self, name: str) -> QuantResult:
+    def _layer(self, i: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        i = int(name.split(".")[2])
         if i not in self._cache:
             self._cache = {i: load_file(str(self.folder / f"layer-{i:04d}.safetensors"))}
-        t = self._cache[i]
+        return self._cache[i]
+
+    def get(self, name: str) -> QuantResult:
+        t = self._layer(int(name.split(".")[2]))
         return QuantResult(
             t[name + ".codes"].float(),
             t[name + ".scales"],
             t[name + ".zeros"],
             int(t[name + ".group"]),
         )
+
+    def get_dense(self, name: str) -> torch.Tensor | None:
+        """The replacement of an unquantized tensor (e.g. a norm weight AWQ folded into), if any."""
+        m = _LAYER_RE.match(name)
+        if m is None or name in self.names:
+            return None
+        path = self.folder / f"layer-{int(m.group(1)):04d}.safetensors"
+        if not path.exists():
+            return None
+        return self._layer(int(m.group(1))).get(name + ".dense")
 
     def cleanup(self) -> None:
         for p in self.folder.iterdir():

@@ -25,6 +25,25 @@ def _tick(progress: Progress | None, name: str) -> None:
         progress(name)
 
 
+def dense_override(store: Any, name: str) -> torch.Tensor | None:
+    """The store's replacement for an unquantized tensor (AWQ's folded norm weights), if any."""
+    get = getattr(store, "get_dense", None)
+    return None if get is None else get(name)
+
+
+def _overridden(p: PlannedTensor, store: Any) -> PlannedTensor:
+    """`p`, reading the store's replacement of the tensor when it has one (in p's dtype)."""
+    from cllm.formats.save import FLOAT_DTYPES
+
+    def produce(p: PlannedTensor = p) -> torch.Tensor:
+        t = dense_override(store, p.name)
+        if t is None:
+            return p.produce()
+        return t.to(getattr(torch, FLOAT_DTYPES[p.dtype])) if p.dtype in FLOAT_DTYPES else t
+
+    return PlannedTensor(p.name, p.shape, p.dtype, produce)
+
+
 def write_fake(
     out: Path,
     ckpt: Checkpoint,
@@ -47,7 +66,7 @@ def write_fake(
 
             plans.append(PlannedTensor(p.name, p.shape, "F32", produce))
         else:
-            plans.append(p)
+            plans.append(_overridden(p, store))
     save_hf_folder(out, ckpt.config, plans, ckpt.tokenizer_dir(), provenance, ckpt.gguf_kv)
     return {"format": "safetensors (dense, dequantized)"}
 
@@ -69,7 +88,7 @@ def write_packed(
     plans: list[PlannedTensor] = []
     for p in plan_tensors(ckpt, None):
         if p.name not in store:
-            plans.append(p)
+            plans.append(_overridden(p, store))
             continue
         rows, cols = infos[p.name].shape
         prefix = p.name[: -len(".weight")]
@@ -119,6 +138,7 @@ def write_gguf_recipe(
     produce_quantized: Callable[[str], Any],
     provenance: dict[str, Any],
     progress: Progress | None,
+    store: Any = None,
 ) -> dict[str, Any]:
     """A standard GGUF with llama.cpp's recipe for its legacy types, streamed tensor by tensor.
 
@@ -126,7 +146,8 @@ def write_gguf_recipe(
     rounds exactly like llama.cpp); the embedding matrix (also the output when tied) and an
     untied output get Q8_0, as llama.cpp keeps them (it picks Q6_K where rows are multiples of
     256; gguf-py cannot write Q6_K, so cllm's file is slightly larger there); tensors left out
-    with --keep get F16; norms stay F32.
+    with --keep get F16; norms stay F32. Unquantized tensors the method replaced (AWQ's
+    folded norms) are read from `store`.
     """
     from cllm.formats.gguf_io import GGUFTensorPlan, write_gguf
 
@@ -153,7 +174,8 @@ def write_gguf_recipe(
                 tq = "F16"
 
             def produce(name: str = name) -> Any:
-                t = ckpt.get(name).float().numpy()
+                dense = dense_override(store, name)
+                t = (ckpt.get(name) if dense is None else dense).float().numpy()
                 _tick(progress, name)
                 return t
 
@@ -181,7 +203,9 @@ def write_gguf_grid(
         r = store.get(name)
         return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
 
-    report = write_gguf_recipe(out, ckpt, names, grid.qtype, packed, provenance, progress)
+    report = write_gguf_recipe(
+        out, ckpt, names, grid.qtype, packed, provenance, progress, store=store
+    )
     report["format"] = f"GGUF ({grid.describe()})"
     return report
 
