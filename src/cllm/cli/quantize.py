@@ -85,9 +85,10 @@ def quantize_cmd(
         20, "--awq-grid", help="AWQ: scale exponents tried, alpha = 0, 1/N, ..., (N-1)/N."
     ),
     act_order: bool = typer.Option(
-        False,
-        "--act-order",
-        help="GPTQ (and --awq-then gptq): visit columns by decreasing Hessian diagonal.",
+        None,
+        "--act-order/--no-act-order",
+        help="GPTQ (and --awq-then gptq): visit columns by decreasing Hessian diagonal [default: on].",
+        show_default=False,
     ),
     damp: float = typer.Option(
         0.01,
@@ -160,7 +161,7 @@ def _quantize(
     seed: int,
     awq_then: str,
     awq_grid: int,
-    act_order: bool,
+    act_order: bool | None,
     damp: float,
     calib_dtype: str,
     resume: bool,
@@ -193,6 +194,8 @@ def _quantize(
     if layered:
         from cllm.core.quantize.layerwise import resolve_compute_dtype
 
+        if act_order is None:  # on wherever GPTQ runs: better at no cost in format or speed
+            act_order = method == "gptq" or awq_then == "gptq"
         if method == "awq":
             cfg = AWQConfig(grid_points=awq_grid, then=awq_then, act_order=act_order, damp=damp,
                             calib=str(calib) if calib else None, calib_samples=calib_samples,
@@ -204,7 +207,7 @@ def _quantize(
         cfg.validate()
         cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype)  # provenance records what ran
     else:
-        if act_order or resume:
+        if act_order is not None or resume:
             raise UsageError("--act-order and --resume apply to --method gptq or awq only")
         cfg = RTNConfig()
     grid = target.grid(cfg)  # validates bits, group size and type before any heavy work

@@ -50,7 +50,7 @@ class RTNConfig:
 class GPTQConfig:
     """GPTQ with a Hessian from calibration activations, layer by layer."""
 
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
     blocksize: int = 128
     calib: str | None = None
