@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,6 +20,11 @@ from cllm.cli._common import (
     warn,
 )
 from cllm.errors import UsageError
+
+if TYPE_CHECKING:
+    from cllm.cli.resolve import Spec
+    from cllm.core.quantize.sensitivity import SensitivityReport
+    from cllm.formats.checkpoint import Checkpoint
 
 
 class Method(str, Enum):
@@ -103,6 +109,34 @@ def quantize_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="GPTQ/AWQ: continue a killed run from its last finished layer."
     ),
+    sensitivity: bool = typer.Option(
+        False,
+        "--sensitivity",
+        help="Measure each layer's KLD at each --candidates type; write JSON + PNG heat map.",
+    ),
+    candidates: str = typer.Option(
+        "Q4_0,Q5_0,Q8_0",
+        "--candidates",
+        help="Types mixed precision chooses from (comma-separated).",
+    ),
+    sensitivity_chunks: int = typer.Option(
+        2,
+        "--sensitivity-chunks",
+        help="512-token chunks of calibration text per sensitivity measurement.",
+    ),
+    sensitivity_file: Path = typer.Option(
+        None, "--sensitivity-file", help="Reuse a sensitivity JSON written by --sensitivity."
+    ),
+    target_bpw: float = typer.Option(
+        None,
+        "--target-bpw",
+        help="Mixed precision: average bits per quantized weight (GGUF output).",
+    ),
+    target_size: str = typer.Option(
+        None,
+        "--target-size",
+        help="Mixed precision: file size budget, e.g. 100MB or 104857600 (GGUF output).",
+    ),
     output: Path = typer.Option(
         None,
         "--output",
@@ -140,6 +174,7 @@ def quantize_cmd(
     _quantize(
         checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, keep,
         calib, calib_samples, calib_seqlen, seed, awq_then.value, awq_grid, act_order, damp, calib_dtype, resume,
+        sensitivity, candidates, sensitivity_chunks, sensitivity_file, target_bpw, target_size,
         output, force, dry_run, as_json,
     )  # fmt: skip
 
@@ -165,6 +200,12 @@ def _quantize(
     damp: float,
     calib_dtype: str,
     resume: bool,
+    sensitivity: bool,
+    candidates: str,
+    sensitivity_chunks: int,
+    sensitivity_file: Path | None,
+    target_bpw: float | None,
+    target_size: str | None,
     output: Path | None,
     force: bool,
     dry_run: bool,
@@ -176,8 +217,17 @@ def _quantize(
     from cllm.formats.checkpoint import open_checkpoint
     from cllm.formats.provenance import make_provenance, provenance_id
 
-    target_to = to or ("gguf" if gguf_type else "safetensors")
-    if target_to == "gguf" and not gguf_type:
+    mixed = target_bpw is not None or target_size is not None
+    if target_bpw is not None and target_size is not None:
+        raise UsageError("give --target-bpw or --target-size, not both")
+    if mixed and (gguf_type or to == "safetensors"):
+        raise UsageError(
+            "--target-bpw/--target-size choose GGUF types per layer themselves",
+            "Drop --gguf-type / --to safetensors",
+        )
+    size_budget = parse_size(target_size) if target_size is not None else None
+    target_to = to or ("gguf" if gguf_type or mixed else "safetensors")
+    if target_to == "gguf" and not gguf_type and not mixed and not sensitivity:
         raise UsageError("--to gguf needs --gguf-type", "e.g. --gguf-type Q4_K_M")
     if target_to == "safetensors" and gguf_type:
         raise UsageError("--gguf-type applies to --to gguf only")
@@ -210,8 +260,34 @@ def _quantize(
         if act_order is not None or resume:
             raise UsageError("--act-order and --resume apply to --method gptq or awq only")
         cfg = RTNConfig()
-    grid = target.grid(cfg)  # validates bits, group size and type before any heavy work
+    cands = [c.strip().upper() for c in candidates.split(",") if c.strip()]
+    grid = None if mixed or sensitivity else target.grid(cfg)  # validates flags before heavy work
     ckpt, spec = open_spec(checkpoint)
+    if sensitivity:
+        _write_sensitivity(ckpt, spec, cands, calib, sensitivity_chunks, seed, output, as_json)
+        return
+    mixed_info: dict[str, object] = {}
+    if mixed:
+        from cllm.core.quantize.api import plan_layer_types
+        from cllm.core.quantize.methods import select_tensors
+
+        report_s, sens_sha = _load_or_measure(
+            ckpt, cands, calib, sensitivity_chunks, seed, sensitivity_file
+        )
+        layer_types, stats = plan_layer_types(
+            report_s, ckpt, select_tensors(ckpt, target.keep), target_bpw, size_budget
+        )
+        target.layer_types = layer_types
+        mixed_info = {
+            "sensitivity_sha256": sens_sha,
+            "target_bpw": target_bpw,
+            "target_size": size_budget,
+            **stats,
+        }
+        log(
+            f"mixed precision at {stats['bits_per_weight']:.3f} bits/weight: "
+            + ", ".join(f"{t} x{layer_types.count(t)}" for t in sorted(set(layer_types)))
+        )
     stored = {i.dtype for i in ckpt.tensor_infos().values()}
     already = sorted(stored - {"F32", "F16", "BF16"})
     if already:
@@ -234,6 +310,8 @@ def _quantize(
         params["input_dequantized_from"] = already
     if calibration is not None:
         params["calibration_sha256"] = calibration.sha256
+    if mixed_info:
+        params["mixed"] = mixed_info
     pid = provenance_id(ckpt.sha256, "quantize", params)
     out = output or default_output(
         spec.path, spec.is_alias, spec.text, "quantize", pid, target.extension()
@@ -256,7 +334,14 @@ def _quantize(
     )  # fmt: skip
     label = method.upper() + (" then GPTQ" if method == "awq" and awq_then == "gptq" else "")
     log(
-        f"quantizing {spec.text} with {label} on {grid.describe() if grid else 'llama.cpp ' + str(target.gguf_type)}",
+        f"quantizing {spec.text} with {label} on "
+        + (
+            grid.describe()
+            if grid
+            else "mixed GGUF types"
+            if mixed
+            else "llama.cpp " + str(target.gguf_type)
+        ),
         level=0,
     )
     n_layers = int(ckpt.config.get("num_hidden_layers", 0))
@@ -284,3 +369,114 @@ def _quantize(
                 f"llama.cpp used no {target.gguf_type} tensor (row lengths of {ckpt.config.get('hidden_size')} force fallbacks)"
             )
     emit_artifact(out, target_to, "quantize", params, ckpt.sha256, use_json(as_json))
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '104857600', '100MB', '95.5M', '1G' (decimal units, as file sizes are shown)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)[bB]?\s*", text)
+    if not m:
+        raise UsageError(
+            f"--target-size {text!r} is not a size", "Use bytes or a number with K, M or G"
+        )
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _sensitivity_chunks(ckpt: Checkpoint, calib: Path | None, chunks: int, seed: int) -> list:
+    from cllm.core.quantize.calib import default_calibration_file, load_calibration
+
+    cal = load_calibration(
+        Path(calib) if calib else default_calibration_file(),
+        ckpt.tokenizer_dir(),
+        chunks,
+        512,
+        seed,
+    )
+    return [row.numpy() for row in cal.ids]
+
+
+def _measure(
+    ckpt: Checkpoint, cands: list[str], calib: Path | None, chunks: int, seed: int
+) -> SensitivityReport:
+    """Per-layer KLD on calibration text (never the evaluation text, which would leak)."""
+    from cllm.core.quantize.sensitivity import measure_sensitivity
+
+    data = _sensitivity_chunks(ckpt, calib, chunks, seed)
+    n_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    with progress("sensitivity", n_layers * len(cands)) as advance:
+        report = measure_sensitivity(ckpt, data, cands, on_step=lambda _i, _n: advance())
+    report.protocol = {
+        "text": str(calib or "default calibration"),
+        "chunks": chunks,
+        "ctx": 512,
+        "seed": seed,
+    }
+    return report
+
+
+def _load_or_measure(
+    ckpt: Checkpoint,
+    cands: list[str],
+    calib: Path | None,
+    chunks: int,
+    seed: int,
+    path: Path | None,
+) -> tuple[SensitivityReport, str]:
+    import hashlib
+    import json
+
+    from cllm.core.quantize.sensitivity import SensitivityReport
+
+    if path is not None:
+        try:
+            raw = Path(path).read_text()
+            report = SensitivityReport.from_dict(json.loads(raw))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read sensitivity file {path}: {exc}") from exc
+        n_layers = int(ckpt.config.get("num_hidden_layers", 0))
+        if report.layers != n_layers:
+            raise UsageError(f"{path} measures {report.layers} layers, the model has {n_layers}")
+    else:
+        log(
+            "measuring per-layer sensitivity (use --sensitivity once and --sensitivity-file to reuse it)"
+        )
+        report = _measure(ckpt, cands, calib, chunks, seed)
+        raw = json.dumps(report.to_dict(), sort_keys=True)
+    return report, hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _write_sensitivity(
+    ckpt: Checkpoint,
+    spec: Spec,
+    cands: list[str],
+    calib: Path | None,
+    chunks: int,
+    seed: int,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    import json
+
+    from cllm.core.quantize.sensitivity import heatmap_png
+    from cllm.formats.atomic import atomic_path
+    from cllm.formats.provenance import provenance_id
+
+    params = {
+        "candidates": cands,
+        "chunks": chunks,
+        "calib": str(calib) if calib else None,
+        "seed": seed,
+    }
+    pid = provenance_id(ckpt.sha256, "sensitivity", params)
+    out = output or default_output(spec.path, spec.is_alias, spec.text, "sensitivity", pid, ".json")
+    report = _measure(ckpt, cands, calib, chunks, seed)
+    data = {**report.to_dict(), "model_sha256": ckpt.sha256, "params": params}
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    png = out.with_suffix(".png")
+    with atomic_path(png) as tmp:
+        heatmap_png(report, tmp)
+    for path, fmt in ((out, "json"), (png, "png")):
+        emit_artifact(path, fmt, "sensitivity", params, ckpt.sha256, use_json(as_json))

@@ -44,6 +44,8 @@ class Target:
     gguf_type: str | None = None
     fake: bool = False  # dense dequantized weights instead of packed integers
     keep: list[str] = field(default_factory=list)
+    # mixed precision: one llama.cpp block type per decoder layer, chosen from measured sensitivity
+    layer_types: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,8 +89,12 @@ def quantize(
     calibration: Any = None,
 ) -> dict[str, Any]:
     """Run the method and write the output. Returns a report (types used, tensors quantized)."""
-    grid = target.grid(method)
     names = select_tensors(ckpt, target.keep)
+    if target.layer_types is not None:
+        return _quantize_mixed(
+            ckpt, method, target, names, out, provenance, resume, progress, on_layer, calibration
+        )
+    grid = target.grid(method)
     if grid is None:  # RTN to a llama.cpp type
         from cllm.core.quantize import writers
         from cllm.formats.gguf_io import WRITABLE_TYPES
@@ -145,6 +151,127 @@ def quantize(
     report["quantized_tensors"] = len(names)
     report.update(notes)
     return report
+
+
+def _quantize_mixed(
+    ckpt: Checkpoint,
+    method: MethodConfig,
+    target: Target,
+    names: list[str],
+    out: Path,
+    provenance: dict[str, Any],
+    resume: bool,
+    progress: Progress | None,
+    on_layer: Callable[[int, int], None] | None,
+    calibration: Any,
+) -> dict[str, Any]:
+    """A GGUF whose decoder layers use different block types (from `plan_layer_types`)."""
+    from cllm.core.quantize import writers
+    from cllm.core.quantize.grid import layer_of
+
+    if target.to != "gguf":
+        raise UsageError("mixed precision writes GGUF", "Add --to gguf")
+    types = list(target.layer_types or [])
+    n_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    if len(types) != n_layers:
+        raise UsageError(f"{len(types)} layer types given for {n_layers} layers")
+    plan = {i: GGUFGrid(t) for i, t in enumerate(types)}
+    check_divisible(ckpt, names, plan[0])
+    if isinstance(method, RTNConfig):
+        per_name = {n: types[layer_of(n)] for n in names}
+        report = writers.write_gguf_rtn(out, ckpt, names, per_name, provenance, progress)
+    else:
+        from cllm.core.quantize.store import LayerStateStore
+
+        method.validate()
+        if calibration is None:
+            raise UsageError(f"{method.method.upper()} needs calibration data")
+        store = LayerStateStore(state_dir(out), provenance["id"], names)
+        if isinstance(method, AWQConfig):
+            run_awq(ckpt, plan, names, method, calibration, store, resume=resume, on_layer=on_layer)
+        else:
+            from cllm.core.quantize.gptq_layerwise import run_gptq
+
+            run_gptq(
+                ckpt, plan, names, method, calibration, store, resume=resume, on_layer=on_layer
+            )
+        report = writers.write_gguf_grid(out, ckpt, store, names, plan, provenance, progress)
+        store.cleanup()
+    report["quantized_tensors"] = len(names)
+    report["layer_types"] = types
+    return report
+
+
+def fixed_gguf_bytes(ckpt: Checkpoint, names: list[str]) -> int:
+    """Bytes of what mixed precision does not choose: embeddings (Q8_0), norms (F32), kept
+    tensors (F16), plus an upper bound on metadata (the tokenizer's JSON size)."""
+    selected = set(names)
+    total = 0
+    for n, info in ckpt.tensor_infos().items():
+        if n in selected:
+            continue
+        if len(info.shape) < 2:
+            total += 4 * info.numel
+        elif n in ("model.embed_tokens.weight", "lm_head.weight") and not (
+            n == "lm_head.weight" and ckpt.config.get("tie_word_embeddings")
+        ):
+            total += info.numel * 34 // 32
+        elif n != "lm_head.weight":
+            total += 2 * info.numel
+    return total + gguf_metadata_bytes(ckpt)
+
+
+def gguf_metadata_bytes(ckpt: Checkpoint) -> int:
+    """An upper bound on a GGUF's non-tensor bytes: tokenizer arrays, keys, tensor infos, padding."""
+    import json
+
+    n_tensors = len(ckpt.tensor_infos())
+    total = 16 << 10  # header, hyperparameters, provenance
+    total += n_tensors * (96 + 32)  # tensor info + alignment padding
+    tok = ckpt.tokenizer_dir() / "tokenizer.json"
+    if not tok.exists():
+        return total + (4 << 20)
+    spec = json.loads(tok.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    tokens = list(model.get("vocab", {})) + [
+        t.get("content", "") for t in spec.get("added_tokens", [])
+    ]
+    n_vocab = max(len(tokens), int(ckpt.config.get("vocab_size", 0)))
+    total += sum(len(t.encode()) + 8 + 4 for t in tokens) + (n_vocab - len(tokens)) * 24
+    merges = model.get("merges", [])
+    total += sum(len((m if isinstance(m, str) else " ".join(m)).encode()) + 8 for m in merges)
+    template = ckpt.tokenizer_dir() / "chat_template.jinja"
+    if template.exists():
+        total += template.stat().st_size
+    return total
+
+
+def plan_layer_types(
+    report: Any,
+    ckpt: Checkpoint,
+    names: list[str],
+    target_bpw: float | None,
+    target_size: int | None,
+) -> tuple[list[str], dict[str, Any]]:
+    """Per-layer types minimising measured sensitivity under a bits-per-weight or file-size budget."""
+    from cllm.core.quantize.sensitivity import TYPE_BPW, allocate
+
+    params = sum(report.layer_params)
+    if target_bpw is not None:
+        budget = target_bpw * params
+    elif target_size is not None:
+        budget = (target_size - fixed_gguf_bytes(ckpt, names)) * 8
+        if budget <= 0:
+            raise UsageError(
+                f"--target-size {target_size} is smaller than the embeddings and metadata alone"
+            )
+    else:
+        raise UsageError("give --target-bpw or --target-size")
+    types = allocate(report, budget)
+    achieved = (
+        sum(p * TYPE_BPW[t] for p, t in zip(report.layer_params, types, strict=True)) / params
+    )
+    return types, {"budget_bits": budget, "bits_per_weight": achieved}
 
 
 def state_dir(out: Path) -> Path:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cllm.core.quantize.grid import Grid, dequantize_groups, quantize_rtn
+from cllm.core.quantize.grid import Grid, GridPlan, dequantize_groups, grid_for, quantize_rtn
 from cllm.errors import RuntimeFailure, UsageError
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ def awq_layer(
 
 def run_awq(
     ckpt: Checkpoint,
-    grid: Grid,
+    grid: GridPlan,
     names: list[str],
     cfg: AWQConfig,
     calib: Calibration,
@@ -360,7 +360,9 @@ def run_awq(
     wanted = set(names)
     for i in range(start, runner.n_layers):
         layer = runner.build_layer(i)
-        outcome = awq_layer(runner, layer, runner.layer_prefix(i), hidden, grid, wanted, cfg)
+        outcome = awq_layer(
+            runner, layer, runner.layer_prefix(i), hidden, grid_for(grid, i), wanted, cfg
+        )
         hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
         store.save_layer(i, outcome.results, hidden, outcome.dense)
         runner.release_layer(i)

@@ -9,7 +9,7 @@ import torch
 
 from cllm.core.quantize.calib import Calibration
 from cllm.core.quantize.gptq import HessianAccumulator, gptq_quantize
-from cllm.core.quantize.grid import Grid
+from cllm.core.quantize.grid import GridPlan, grid_for
 from cllm.core.quantize.layerwise import LayerRunner, linear_modules, resolve_compute_dtype
 from cllm.core.quantize.methods import GPTQConfig, QuantResult
 from cllm.core.quantize.store import LayerStateStore
@@ -51,7 +51,7 @@ def collect_hessians(
 
 def run_gptq(
     ckpt: Checkpoint,
-    grid: Grid,
+    grid: GridPlan,
     names: list[str],
     cfg: GPTQConfig,
     calib: Calibration,
@@ -68,6 +68,7 @@ def run_gptq(
     wanted = set(names)
     for i in range(start, runner.n_layers):
         layer = runner.build_layer(i)
+        layer_grid = grid_for(grid, i)
         prefix = runner.layer_prefix(i)
         linears = {
             n: m for n, m in linear_modules(layer).items() if prefix + n + ".weight" in wanted
@@ -78,13 +79,13 @@ def run_gptq(
             res = gptq_quantize(
                 m.weight.data,
                 accs[n].H,
-                grid,
+                layer_grid,
                 act_order=cfg.act_order,
                 damp=cfg.damp,
                 blocksize=cfg.blocksize,
             )
             m.weight.data = res.weight
-            group = grid.group_width(m.in_features)
+            group = layer_grid.group_width(m.in_features)
             results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros, group)
         hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
         store.save_layer(i, results, hidden)

@@ -154,6 +154,17 @@ class GGUFGrid:
 
 
 Grid = IntGrid | GGUFGrid
+# one grid for the model, or one per decoder layer (mixed precision)
+GridPlan = IntGrid | GGUFGrid | dict[int, GGUFGrid]
+
+
+def layer_of(name: str) -> int:
+    """Decoder layer index of a tensor name (model.layers.<i>. ...)."""
+    return int(name.split(".")[2])
+
+
+def grid_for(plan: GridPlan, layer: int) -> Grid:
+    return plan[layer] if isinstance(plan, dict) else plan
 
 
 def n_groups(cols: int, group: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cllm.core.quantize.grid import Grid, quantize_rtn
+from cllm.core.quantize.grid import GridPlan, grid_for, layer_of, quantize_rtn
 from cllm.core.quantize.methods import QuantResult
 from cllm.formats.checkpoint import Checkpoint
 
@@ -24,7 +24,7 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class RTNStore:
-    def __init__(self, ckpt: Checkpoint, grid: Grid, names: list[str]) -> None:
+    def __init__(self, ckpt: Checkpoint, grid: GridPlan, names: list[str]) -> None:
         self.ckpt, self.grid, self.names = ckpt, grid, set(names)
         self._last: tuple[str, QuantResult] | None = None
 
@@ -35,8 +35,9 @@ class RTNStore:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         w = self.ckpt.get(name).float()
-        codes, scales, zeros = quantize_rtn(w, self.grid)
-        res = QuantResult(codes, scales, zeros, self.grid.group_width(w.shape[1]))
+        grid = grid_for(self.grid, layer_of(name))
+        codes, scales, zeros = quantize_rtn(w, grid)
+        res = QuantResult(codes, scales, zeros, grid.group_width(w.shape[1]))
         self._last = (name, res)
         return res
 

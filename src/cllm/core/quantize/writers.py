@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cllm.core.quantize.grid import GGUFGrid, IntGrid
+from cllm.core.quantize.grid import GGUFGrid, GridPlan, IntGrid, grid_for, layer_of
 from cllm.errors import RuntimeFailure, UsageError
 from cllm.formats.atomic import atomic_path
 from cllm.formats.checkpoint import Checkpoint
@@ -130,11 +130,17 @@ def write_packed(
     return {"format": f"compressed-tensors pack-quantized ({grid.describe()})"}
 
 
+def _gguf_qtype(grid: Any) -> str:
+    if not isinstance(grid, GGUFGrid):
+        raise UsageError("GGUF output needs a GGUF grid")
+    return grid.qtype
+
+
 def write_gguf_recipe(
     out: Path,
     ckpt: Checkpoint,
     names: list[str],
-    qtype: str,
+    qtype: str | dict[str, str],
     produce_quantized: Callable[[str], Any],
     provenance: dict[str, Any],
     progress: Progress | None,
@@ -152,11 +158,13 @@ def write_gguf_recipe(
     from cllm.formats.gguf_io import GGUFTensorPlan, write_gguf
 
     selected = set(names)
+    per_name = qtype if isinstance(qtype, dict) else dict.fromkeys(names, qtype)
+    file_type = Counter(per_name.values()).most_common(1)[0][0] if per_name else "F16"
     plans = []
     for name, info in ckpt.tensor_infos().items():
         tq: str
         if name in selected:
-            tq = qtype
+            tq = per_name[name]
 
             def produce(name: str = name) -> Any:
                 value = produce_quantized(name)
@@ -182,7 +190,7 @@ def write_gguf_recipe(
         plans.append(GGUFTensorPlan(name, info.shape, produce, tq))
     with atomic_path(out) as tmp:
         counts = write_gguf(
-            tmp, ckpt.config, plans, qtype, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
+            tmp, ckpt.config, plans, file_type, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
         )
     return {"types": counts}
 
@@ -192,7 +200,7 @@ def write_gguf_grid(
     ckpt: Checkpoint,
     store: Any,
     names: list[str],
-    grid: GGUFGrid,
+    grid: GridPlan,
     provenance: dict[str, Any],
     progress: Progress | None,
 ) -> dict[str, Any]:
@@ -203,10 +211,10 @@ def write_gguf_grid(
         r = store.get(name)
         return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
 
-    report = write_gguf_recipe(
-        out, ckpt, names, grid.qtype, packed, provenance, progress, store=store
-    )
-    report["format"] = f"GGUF ({grid.describe()})"
+    types = {n: _gguf_qtype(grid_for(grid, layer_of(n))) for n in names}
+    report = write_gguf_recipe(out, ckpt, names, types, packed, provenance, progress, store=store)
+    mix = sorted(set(types.values()))
+    report["format"] = f"GGUF ({'/'.join(mix)} grid{'s' if len(mix) > 1 else ''})"
     return report
 
 
@@ -214,7 +222,7 @@ def write_gguf_rtn(
     out: Path,
     ckpt: Checkpoint,
     names: list[str],
-    qtype: str,
+    qtype: str | dict[str, str],
     provenance: dict[str, Any],
     progress: Progress | None,
 ) -> dict[str, Any]:
@@ -224,7 +232,8 @@ def write_gguf_rtn(
         return ckpt.get(name).float().numpy()
 
     report = write_gguf_recipe(out, ckpt, names, qtype, floats, provenance, progress)
-    report["format"] = f"GGUF {qtype} (RTN, llama.cpp reference rounding)"
+    mix = "/".join(sorted(set(qtype.values()))) if isinstance(qtype, dict) else qtype
+    report["format"] = f"GGUF {mix} (RTN, llama.cpp reference rounding)"
     return report
 
 
