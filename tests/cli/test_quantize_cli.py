@@ -195,3 +195,51 @@ def test_mixed_precision_bad_arguments(tiny_model: Path, tmp_path: Path) -> None
         assert p.returncode == 2, (args, p.stderr)
         assert needle in p.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_killed_gptq_run_resumes_to_identical_bytes(
+    tiny_model: Path, tiny_text: Path, tmp_path: Path
+) -> None:
+    args = [
+        "quantize", str(tiny_model), "--method", "gptq", "--gguf-type", "Q4_0", "--calib", str(tiny_text),
+        "--calib-samples", "8", "--calib-seqlen", "64",
+    ]  # fmt: skip
+    out = tmp_path / "r.gguf"
+    killed = run_cli(*args, "-o", str(out), env={"CLLM_TEST_KILL_AFTER_LAYER": "0"})
+    assert killed.returncode == -9  # SIGKILL, after layer 0 was saved
+    assert not out.exists()
+    state = tmp_path / ".r.gguf.cllm-state"
+    assert (state / "layer-0000.safetensors").exists() and not (
+        state / "layer-0001.safetensors"
+    ).exists()
+    resumed = run_cli(*args, "-o", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not state.exists()
+    again = tmp_path / "again.gguf"
+    run_cli(*args, "-o", str(again), check=True)
+    # the same tensors as an uninterrupted run; and the same bytes apart from the provenance key,
+    # which the resumed run took over from the killed one (its start time and command)
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(out), GGUFReader(again)
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert ta.name == tb.name and bytes(ta.data) == bytes(tb.data), ta.name
+    prov = open_checkpoint(out).provenance
+    assert prov is not None and prov["id"] == open_checkpoint(again).provenance["id"]
+
+
+def test_architecture_llamacpp_cannot_take(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cllm.testing.tiny import tiny_tokenizer
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=264, n_positions=128)
+    ).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "g.gguf"
+    p = run_cli("quantize", str(folder), "--gguf-type", "Q8_0", "-o", str(out))
+    assert p.returncode == 2, p.stderr
+    assert "cannot be written as GGUF" in p.stderr.strip().splitlines()[-1]
+    assert not out.exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -328,7 +331,11 @@ def _quantize(
             log(f"{out} is up to date (same input and parameters); --force redoes it")
             emit_artifact(out, target_to, "quantize", params, ckpt.sha256, use_json(as_json))
             return
-    prov = make_provenance(
+    from cllm.core.quantize.api import state_dir
+    from cllm.core.quantize.store import saved_provenance
+
+    saved = saved_provenance(state_dir(out), pid) if resume else None
+    prov = saved or make_provenance(
         "quantize", params, ckpt.sha256, ckpt.provenance, str(ckpt.path),
         calibration=calibration.to_provenance() if calibration is not None else None, seed=seed if calibration is not None else None,
     )  # fmt: skip
@@ -349,7 +356,7 @@ def _quantize(
         report = quantize(
             ckpt, cfg, target, out, prov, resume=resume,
             progress=(lambda _n: advance()) if not layered else None,
-            on_layer=lambda i, n: advance(description=f"layer {i + 1}/{n}"),
+            on_layer=lambda i, n: _after_layer(i, n, advance),
             calibration=calibration,
         )  # fmt: skip
     if report.get("note"):
@@ -480,3 +487,10 @@ def _write_sensitivity(
         heatmap_png(report, tmp)
     for path, fmt in ((out, "json"), (png, "png")):
         emit_artifact(path, fmt, "sensitivity", params, ckpt.sha256, use_json(as_json))
+
+
+def _after_layer(i: int, n: int, advance: Callable[..., None]) -> None:
+    advance(description=f"layer {i + 1}/{n}")
+    # test hook: die like a killed process once layer i is saved (tests of --resume use it)
+    if os.environ.get("CLLM_TEST_KILL_AFTER_LAYER") == str(i):
+        os.kill(os.getpid(), signal.SIGKILL)

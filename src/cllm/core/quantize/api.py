@@ -125,7 +125,7 @@ def quantize(
         method.validate()
         if calibration is None:
             raise UsageError(f"{method.method.upper()} needs calibration data")
-        store: Any = LayerStateStore(state_dir(out), provenance["id"], names)
+        store: Any = LayerStateStore(state_dir(out), provenance["id"], names, provenance)
         if isinstance(method, AWQConfig):
             run_awq(ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer)
         else:
@@ -186,7 +186,7 @@ def _quantize_mixed(
         method.validate()
         if calibration is None:
             raise UsageError(f"{method.method.upper()} needs calibration data")
-        store = LayerStateStore(state_dir(out), provenance["id"], names)
+        store = LayerStateStore(state_dir(out), provenance["id"], names, provenance)
         if isinstance(method, AWQConfig):
             run_awq(ckpt, plan, names, method, calibration, store, resume=resume, on_layer=on_layer)
         else:

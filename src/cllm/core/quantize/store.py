@@ -50,10 +50,13 @@ class LayerStateStore:
     """Per-layer results on disk: layer-0007.safetensors holds that layer's codes, scales, zeros,
     and `<name>.dense` for each unquantized tensor of the layer the method replaced."""
 
-    def __init__(self, folder: Path, job_id: str, names: list[str]) -> None:
+    def __init__(
+        self, folder: Path, job_id: str, names: list[str], provenance: dict[str, Any] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.names = set(names)
         self.job_id = job_id
+        self.provenance = provenance
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
     # -- bookkeeping ------------------------------------------------------------
@@ -78,7 +81,7 @@ class LayerStateStore:
             for p in self.folder.iterdir():
                 p.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._write_json({"job": self.job_id, "layers_done": 0})
+        self._write_json({"job": self.job_id, "layers_done": 0, "provenance": self.provenance})
         _ = load_file  # imported here so a missing safetensors fails early
         return 0
 
@@ -111,7 +114,7 @@ class LayerStateStore:
             tmp = self.folder / (fname + ".tmp")
             save_file(payload, str(tmp))
             os.replace(tmp, self.folder / fname)
-        self._write_json({"job": self.job_id, "layers_done": i + 1})
+        self._write_json({"job": self.job_id, "layers_done": i + 1, "provenance": self.provenance})
 
     def load_hidden(self) -> torch.Tensor:
         from safetensors.torch import load_file
@@ -151,3 +154,13 @@ class LayerStateStore:
         for p in self.folder.iterdir():
             p.unlink()
         self.folder.rmdir()
+
+
+def saved_provenance(folder: Path, job_id: str) -> dict[str, Any] | None:
+    """The provenance a killed run recorded, so its resumption writes identical bytes."""
+    try:
+        state = json.loads((Path(folder) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    prov = state.get("provenance")
+    return prov if state.get("job") == job_id and isinstance(prov, dict) else None
