@@ -205,3 +205,13 @@ def default_output(
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Write machine-readable JSON (NDJSON) to stdout.")
+FORCE_OPTION = typer.Option(
+    False, "--force", "-f", help="Redo the work even if an identical output exists."
+)
+DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Print the planned output path and exit.")
+
+
+def output_option(default_name: str) -> Any:
+    return typer.Option(
+        None, "--output", "-o", help=f"Output path [default: {default_name} beside the input]."
+    )

@@ -8,12 +8,15 @@ from pathlib import Path
 import typer
 
 from cllm.cli._common import (
+    DRY_RUN_OPTION,
+    FORCE_OPTION,
     JSON_OPTION,
     default_output,
     emit_artifact,
     emit_plan,
     handle_errors,
     log,
+    output_option,
     progress,
     use_json,
     warn,
@@ -38,18 +41,9 @@ def export_cmd(
     dtype: str = typer.Option(
         None, "--dtype", help="safetensors: cast float tensors to F32, F16 or BF16."
     ),
-    output: Path = typer.Option(
-        None,
-        "--output",
-        "-o",
-        help="Output path [default: <stem>.export-<hash>.<ext> beside the input].",
-    ),
-    force: bool = typer.Option(
-        False, "--force", "-f", help="Redo the work even if an identical output exists."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the planned output path and exit."
-    ),
+    output: Path = output_option("<stem>.export-<hash>.<ext>"),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Convert a checkpoint to GGUF (llama.cpp) or safetensors.

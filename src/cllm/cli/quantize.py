@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING
 import typer
 
 from cllm.cli._common import (
+    DRY_RUN_OPTION,
+    FORCE_OPTION,
     JSON_OPTION,
     default_output,
     emit_artifact,
     emit_plan,
     handle_errors,
     log,
+    output_option,
     progress,
     use_json,
     warn,
@@ -140,18 +143,9 @@ def quantize_cmd(
         "--target-size",
         help="Mixed precision: file size budget, e.g. 100MB or 104857600 (GGUF output).",
     ),
-    output: Path = typer.Option(
-        None,
-        "--output",
-        "-o",
-        help="Output path [default: <stem>.quantize-<hash>[.gguf] beside the input].",
-    ),
-    force: bool = typer.Option(
-        False, "--force", "-f", help="Redo the work even if an identical output exists."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the planned output path and exit."
-    ),
+    output: Path = output_option("<stem>.quantize-<hash>[.gguf]"),
+    force: bool = FORCE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model's linear weights.

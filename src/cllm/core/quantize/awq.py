@@ -350,22 +350,19 @@ def run_awq(
     The store receives each layer's quantized Linears and the unquantized tensors folding
     changed (norm weights, and v_proj / up_proj rows when those are left out with --keep).
     """
-    from cllm.core.quantize.layerwise import LayerRunner, resolve_compute_dtype
+    from cllm.core.quantize.layerwise import drive_layers
 
-    runner = LayerRunner(
-        ckpt, batch_size=cfg.batch_size, compute_dtype=resolve_compute_dtype(cfg.compute_dtype)
-    )
-    start = store.open(resume)
-    hidden = store.load_hidden() if start > 0 else runner.embed(calib.ids)
     wanted = set(names)
-    for i in range(start, runner.n_layers):
-        layer = runner.build_layer(i)
+
+    def work(
+        runner: Any, i: int, layer: torch.nn.Module, hidden: torch.Tensor
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         outcome = awq_layer(
             runner, layer, runner.layer_prefix(i), hidden, grid_for(grid, i), wanted, cfg
         )
-        hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
-        store.save_layer(i, outcome.results, hidden, outcome.dense)
-        runner.release_layer(i)
-        if on_layer:
-            on_layer(i, runner.n_layers)
-    return store
+        return outcome.results, outcome.dense
+
+    return drive_layers(
+        ckpt, calib.ids, store, work, batch_size=cfg.batch_size, compute_dtype=cfg.compute_dtype,
+        resume=resume, on_layer=on_layer,
+    )  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 from cllm.core.quantize.calib import Calibration
 from cllm.core.quantize.gptq import HessianAccumulator, gptq_quantize
 from cllm.core.quantize.grid import GridPlan, grid_for
-from cllm.core.quantize.layerwise import LayerRunner, linear_modules, resolve_compute_dtype
+from cllm.core.quantize.layerwise import LayerRunner, drive_layers, linear_modules
 from cllm.core.quantize.methods import GPTQConfig, QuantResult
 from cllm.core.quantize.store import LayerStateStore
 from cllm.formats.checkpoint import Checkpoint
@@ -60,21 +60,18 @@ def run_gptq(
     on_layer: Callable[[int, int], None] | None = None,
 ) -> LayerStateStore:
     """Quantize every selected Linear; each layer sees inputs from the quantized layers before it."""
-    runner = LayerRunner(
-        ckpt, batch_size=cfg.batch_size, compute_dtype=resolve_compute_dtype(cfg.compute_dtype)
-    )
-    start = store.open(resume)
-    hidden = store.load_hidden() if start > 0 else runner.embed(calib.ids)
     wanted = set(names)
-    for i in range(start, runner.n_layers):
-        layer = runner.build_layer(i)
+
+    def work(
+        runner: LayerRunner, i: int, layer: torch.nn.Module, hidden: torch.Tensor
+    ) -> tuple[dict[str, Any], None]:
         layer_grid = grid_for(grid, i)
         prefix = runner.layer_prefix(i)
         linears = {
             n: m for n, m in linear_modules(layer).items() if prefix + n + ".weight" in wanted
         }
         accs = collect_hessians(runner, layer, hidden, linears)
-        results: dict[str, QuantResult] = {}
+        results: dict[str, Any] = {}
         for n, m in linears.items():
             res = gptq_quantize(
                 m.weight.data,
@@ -87,9 +84,9 @@ def run_gptq(
             m.weight.data = res.weight
             group = layer_grid.group_width(m.in_features)
             results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros, group)
-        hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
-        store.save_layer(i, results, hidden)
-        runner.release_layer(i)
-        if on_layer:
-            on_layer(i, runner.n_layers)
-    return store
+        return results, None
+
+    return drive_layers(
+        ckpt, calib.ids, store, work, batch_size=cfg.batch_size, compute_dtype=cfg.compute_dtype,
+        resume=resume, on_layer=on_layer,
+    )  # fmt: skip

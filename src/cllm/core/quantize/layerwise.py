@@ -119,3 +119,39 @@ def resolve_compute_dtype(requested: str) -> str:
 def linear_modules(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The layer's Linear modules by name relative to the layer, in execution order."""
     return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+LayerWork = Callable[
+    [LayerRunner, int, torch.nn.Module, torch.Tensor],
+    tuple[dict[str, Any], dict[str, torch.Tensor] | None],
+]
+
+
+def drive_layers(
+    ckpt: Checkpoint,
+    ids: torch.Tensor,
+    store: Any,
+    work: LayerWork,
+    *,
+    batch_size: int,
+    compute_dtype: str,
+    resume: bool = False,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> Any:
+    """The loop GPTQ and AWQ share: build layer i, let `work` quantize it in place, run the
+    quantized layer to get layer i+1's inputs, save results and hidden states (what
+    `--resume` restarts from), free the layer."""
+    runner = LayerRunner(
+        ckpt, batch_size=batch_size, compute_dtype=resolve_compute_dtype(compute_dtype)
+    )
+    start = store.open(resume)
+    hidden = store.load_hidden() if start > 0 else runner.embed(ids)
+    for i in range(start, runner.n_layers):
+        layer = runner.build_layer(i)
+        results, dense = work(runner, i, layer, hidden)
+        hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
+        store.save_layer(i, results, hidden, dense)
+        runner.release_layer(i)
+        if on_layer:
+            on_layer(i, runner.n_layers)
+    return store
