@@ -11,7 +11,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-CALIB = ["--calib-samples", "32", "--calib-seqlen", "256"]
+CALIB = ["--calib-samples", "16", "--calib-seqlen", "256"]
 
 
 def _kld(path: Path, backend: str = "torch", chunks: str = "4") -> float:
