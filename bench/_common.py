@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -80,3 +82,12 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def cllm(*args: str) -> tuple[str, float]:
+    """Run the real CLI as a user would; (stdout stripped, wall seconds). Exits on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cllm", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip(), time.perf_counter() - t0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,14 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, write_results  # noqa: E402
-
-
-def cllm(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "cllm", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
+from _common import cllm, print_table, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -40,15 +32,14 @@ def main() -> None:
     n = str(args.chunks)
     t0 = time.perf_counter()
     base = json.loads(
-        cllm("eval", "smollm2-135m", "--chunks", n, "--threads", str(args.threads), "--json")
+        cllm("eval", "smollm2-135m", "--chunks", n, "--threads", str(args.threads), "--json")[0]
     )
     rows = [
         {
-            "model": "base fp32",
-            "backend": "torch",
+            **base,
+            "label": "base fp32",
             "bytes": None,
             "eval_s": time.perf_counter() - t0,
-            **base,
         }
     ]
     for t in args.types.split(","):
@@ -61,7 +52,7 @@ def main() -> None:
             t,
             "-o",
             str(tmp / f"smol.{t}.gguf"),
-        ).strip()
+        )[0]
         t0 = time.perf_counter()
         res = json.loads(
             cllm(
@@ -76,15 +67,14 @@ def main() -> None:
                 "--kld-base",
                 "smollm2-135m",
                 "--json",
-            )
+            )[0]
         )
         rows.append(
             {
-                "model": f"{t} GGUF",
-                "backend": "llama.cpp",
+                **res,
+                "label": f"{t} GGUF",
                 "bytes": Path(path).stat().st_size,
                 "eval_s": time.perf_counter() - t0,
-                **res,
             }
         )
     table = []

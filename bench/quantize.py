@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,17 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, stats, write_results  # noqa: E402
+from _common import cllm, print_table, stats, write_results  # noqa: E402
 
 LLAMACPP_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q3_K_M", "Q4_0", "Q2_K"]
-
-
-def cllm(*args: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cllm", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip(), time.perf_counter() - t0
 
 
 def evaluate(path: str, backend: str, chunks: int) -> dict:

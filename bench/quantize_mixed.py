@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, print_table, write_results  # noqa: E402
-
-
-def cllm(*args: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cllm", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip(), time.perf_counter() - t0
+from _common import RESULTS, cllm, print_table, write_results  # noqa: E402
 
 
 def main() -> None:
