@@ -45,42 +45,10 @@ def main() -> None:
     base = json.loads(cllm("eval", "smollm2-135m", "--chunks", CHUNKS, "--json"))
     base_info = json.loads(cllm("info", "smollm2-135m", "--no-sparsity", "--json"))
     rows.append(("base (fp32 safetensors)", "torch", base_info, base))
-    for gtype in ("Q8_0", "Q4_0"):
-        path = cllm(
-            "export",
-            "smollm2-135m",
-            "--to",
-            "gguf",
-            "--gguf-type",
-            gtype,
-            "-o",
-            str(OUT / f"smollm2-135m.{gtype}.gguf"),
-        ).strip()
-        info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
-        res = json.loads(
-            cllm(
-                "eval",
-                path,
-                "--backend",
-                "llama.cpp",
-                "--kld-base",
-                "smollm2-135m",
-                "--chunks",
-                CHUNKS,
-                "--json",
-            )
-        )
-        rows.append((f"{gtype} GGUF (export)", "llama.cpp", info, res))
-    quantized = [
-        ("Q4_K_M GGUF (llama.cpp recipe)", ["--gguf-type", "Q4_K_M"]),
-        ("Q4_0 GGUF (GPTQ)", ["--method", "gptq", "--gguf-type", "Q4_0", *CALIB]),
-        ("Q5_0 GGUF (GPTQ)", ["--method", "gptq", "--gguf-type", "Q5_0", *CALIB]),
-    ]
-    for label, args in quantized:
-        name = label.split(" (")[0].replace(" ", "-") + ("-gptq" if "GPTQ" in label else "")
-        path = cllm(
-            "quantize", "smollm2-135m", *args, "-o", str(OUT / f"smollm2-135m.{name}.gguf")
-        ).strip()
+
+    def add(label: str, command: list[str]) -> None:
+        """Write one GGUF with `command`, then inspect and evaluate it against the base."""
+        path = cllm(*command).strip()
         info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
         res = json.loads(
             cllm(
@@ -96,6 +64,40 @@ def main() -> None:
             )
         )
         rows.append((label, "llama.cpp", info, res))
+
+    for gtype in ("Q8_0", "Q4_0"):
+        out = str(OUT / f"smollm2-135m.{gtype}.gguf")
+        add(
+            f"{gtype} GGUF (export)",
+            ["export", "smollm2-135m", "--to", "gguf", "--gguf-type", gtype, "-o", out],
+        )
+    add(
+        "Q4_K_M GGUF (llama.cpp recipe)",
+        [
+            "quantize",
+            "smollm2-135m",
+            "--gguf-type",
+            "Q4_K_M",
+            "-o",
+            str(OUT / "smollm2-135m.Q4_K_M.gguf"),
+        ],
+    )
+    for gtype in ("Q4_0", "Q5_0"):
+        out = str(OUT / f"smollm2-135m.{gtype}-gptq.gguf")
+        add(
+            f"{gtype} GGUF (GPTQ)",
+            [
+                "quantize",
+                "smollm2-135m",
+                "--method",
+                "gptq",
+                "--gguf-type",
+                gtype,
+                *CALIB,
+                "-o",
+                out,
+            ],
+        )
 
     proto = base["protocol"]
     table = Table(

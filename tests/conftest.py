@@ -40,6 +40,17 @@ def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
+    """16 calibration windows of 64 tokens from the tiny text (GPTQ/AWQ tests)."""
+    from cllm.core.quantize.calib import load_calibration
+    from cllm.formats.checkpoint import open_checkpoint
+
+    return load_calibration(
+        tiny_text, open_checkpoint(tiny_model).tokenizer_dir(), samples=16, seqlen=64, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
 def wiki_text() -> Path:
     from cllm.paths import default_eval_text
 

@@ -25,7 +25,6 @@ from cllm.core.quantize.awq import (
     rtn_dequantized,
     search_scale,
 )
-from cllm.core.quantize.calib import load_calibration
 from cllm.core.quantize.grid import GGUFGrid, IntGrid
 from cllm.core.quantize.layerwise import LayerRunner
 from cllm.core.quantize.methods import RTNConfig, select_tensors
@@ -39,13 +38,6 @@ NORMS = ("model.layers.0.input_layernorm.weight", "model.layers.1.post_attention
 
 def _prov(params: dict) -> dict:
     return make_provenance("quantize", params, "0" * 64, None)
-
-
-@pytest.fixture(scope="module")
-def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
-    return load_calibration(
-        tiny_text, open_checkpoint(tiny_model).tokenizer_dir(), samples=16, seqlen=64, seed=0
-    )
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ def _prov(params: dict) -> dict:
     return make_provenance("quantize", params, "0" * 64, None)
 
 
-@pytest.fixture(scope="module")
-def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
-    return load_calibration(
-        tiny_text, open_checkpoint(tiny_model).tokenizer_dir(), samples=16, seqlen=64, seed=0
-    )
-
-
 def test_calibration_windows_are_seeded(tiny_model: Path, tiny_text: Path, calib) -> None:  # noqa: ANN001
     tok = open_checkpoint(tiny_model).tokenizer_dir()
     again = load_calibration(tiny_text, tok, samples=16, seqlen=64, seed=0)
