@@ -91,3 +91,46 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"cllm {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def quant_provenance(params: dict) -> dict:
+    """A provenance record for quantize() calls in tests (fixed parent hash)."""
+    from cllm.formats.provenance import make_provenance
+
+    return make_provenance("quantize", params, "0" * 64, None)
+
+
+def kld_vs_base(model: Path, base: Path, text: Path) -> float:
+    """Mean KLD of `model` against `base` on 8 chunks of 64 tokens (torch backend)."""
+    from cllm.core.eval.perplexity import EvalConfig
+    from cllm.core.eval.run import run_eval
+    from cllm.formats.checkpoint import open_checkpoint
+
+    res = run_eval(
+        open_checkpoint(model),
+        EvalConfig(text=str(text), ctx=64, chunks=8),
+        kld_base=open_checkpoint(base),
+    )
+    assert res.kld is not None
+    return res.kld.mean
+
+
+def assert_transformers_matches_cllm(folder: Path) -> object:
+    """A packed output is in a published layout: transformers (compressed-tensors) loads it and
+    gives exactly the logits of cllm's own dequantizing reader. Returns transformers' model."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cllm.core.eval.backends import build_torch_model
+    from cllm.formats.checkpoint import open_checkpoint
+
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    ids = torch.arange(3, 40)[None]
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = build_torch_model(open_checkpoint(folder))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+    return theirs

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cllm.formats.checkpoint import open_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import assert_transformers_matches_cllm, run_cli
 
 
 @pytest.mark.parametrize(
@@ -24,22 +23,11 @@ def test_packed_output_loads_in_transformers_like_cllm_reads_it(
     tiny_model: Path, tmp_path: Path, extra: list[str]
 ) -> None:
     """The published layout check: transformers (compressed-tensors) and cllm's own reader agree exactly."""
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "q"
     p = run_cli("quantize", str(tiny_model), *extra, "-o", str(out))
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{out}\n"
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
-    ids = torch.arange(3, 40)[None]
-    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
-    from cllm.core.eval.backends import build_torch_model
-
-    ours = build_torch_model(open_checkpoint(out))
-    with torch.no_grad():
-        a, b = theirs(ids).logits, ours(ids).logits
-    assert torch.equal(a, b)
+    assert_transformers_matches_cllm(out)
 
 
 def test_gptq_gguf_pipes_into_eval(tiny_model: Path, tiny_text: Path, tmp_path: Path) -> None:

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cllm.core.eval.perplexity import EvalConfig
-from cllm.core.eval.run import run_eval
 from cllm.core.quantize.api import Target, quantize, state_dir
 from cllm.core.quantize.awq import (
     AWQConfig,
@@ -30,14 +27,9 @@ from cllm.core.quantize.layerwise import LayerRunner
 from cllm.core.quantize.methods import RTNConfig, select_tensors
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import open_checkpoint
-from cllm.formats.provenance import make_provenance
-from tests.conftest import run_cli
+from tests.conftest import assert_transformers_matches_cllm, kld_vs_base, quant_provenance, run_cli
 
 NORMS = ("model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight")
-
-
-def _prov(params: dict) -> dict:
-    return make_provenance("quantize", params, "0" * 64, None)
 
 
 @pytest.fixture(scope="module")
@@ -153,23 +145,13 @@ def test_o_proj_is_scaled_only_without_grouped_query_attention(
 # -- whole model -----------------------------------------------------------------------
 
 
-def _kld(model: Path, base: Path, text: Path) -> float:
-    res = run_eval(
-        open_checkpoint(model),
-        EvalConfig(text=str(text), ctx=64, chunks=8),
-        kld_base=open_checkpoint(base),
-    )
-    assert res.kld is not None
-    return res.kld.mean
-
-
-def test_awq_is_no_worse_than_rtn_on_kld(
+def test_awq_is_no_worse_than_rtn_onkld_vs_base(
     tiny_model: Path, tiny_text: Path, calib, tmp_path: Path
 ) -> None:  # noqa: ANN001
     ckpt = open_checkpoint(tiny_model)
     target = Target(to="safetensors", bits=3, group_size=32, fake=True)
-    quantize(ckpt, RTNConfig(), target, tmp_path / "rtn", _prov({"m": "rtn"}))
-    k_rtn = _kld(tmp_path / "rtn", tiny_model, tiny_text)
+    quantize(ckpt, RTNConfig(), target, tmp_path / "rtn", quant_provenance({"m": "rtn"}))
+    k_rtn = kld_vs_base(tmp_path / "rtn", tiny_model, tiny_text)
     k_awq = {}
     for then in ("rtn", "gptq"):
         out = tmp_path / f"awq-{then}"
@@ -178,12 +160,12 @@ def test_awq_is_no_worse_than_rtn_on_kld(
             AWQConfig(then=then, calib_samples=16, calib_seqlen=64),
             target,
             out,
-            _prov({"m": "awq", "then": then}),
+            quant_provenance({"m": "awq", "then": then}),
             calibration=calib,
         )
         assert report["quantized_tensors"] == 14
         assert not state_dir(out).exists()  # state is removed once the output is written
-        k_awq[then] = _kld(out, tiny_model, tiny_text)
+        k_awq[then] = kld_vs_base(out, tiny_model, tiny_text)
     assert 0 < k_awq["rtn"] <= k_rtn
     assert 0 < k_awq["gptq"] < k_rtn
     # the folded norms are written; untouched tensors are copied exactly
@@ -205,7 +187,7 @@ def test_awq_gguf_runs_in_llamacpp_with_its_folded_norms(
         AWQConfig(calib_samples=16, calib_seqlen=64),
         Target(to="gguf", gguf_type="Q4_0"),
         out,
-        _prov({"m": "awq-gguf"}),
+        quant_provenance({"m": "awq-gguf"}),
         calibration=calib,
     )
     assert report["types"]["Q4_0"] == 14
@@ -232,7 +214,7 @@ def test_awq_resume_after_kill_gives_identical_bytes(
     ckpt = open_checkpoint(tiny_model)
     cfg = AWQConfig(calib_samples=16, calib_seqlen=64, grid_points=10)
     target = Target(bits=4, group_size=32)
-    prov = _prov({"m": "awq", "resume": True})
+    prov = quant_provenance({"m": "awq", "resume": True})
     clean = tmp_path / "clean"
     quantize(ckpt, cfg, target, clean, prov, calibration=calib)
     killed = tmp_path / "killed"
@@ -262,9 +244,6 @@ def test_awq_resume_after_kill_gives_identical_bytes(
 def test_cli_awq_packed_loads_in_transformers_like_cllm_reads_it(
     tiny_model: Path, tiny_text: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from cllm.core.eval.backends import build_torch_model
 
     out = tmp_path / "q"
     p = run_cli(
@@ -276,14 +255,7 @@ def test_cli_awq_packed_loads_in_transformers_like_cllm_reads_it(
     prov = open_checkpoint(out).provenance
     assert prov is not None and prov["params"]["method"]["method"] == "awq"
     assert prov["params"]["method"]["then"] == "rtn" and prov["calibration"]["samples"] == 8
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
-    ids = torch.arange(3, 40)[None]
-    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = build_torch_model(open_checkpoint(out))
-    with torch.no_grad():
-        a, b = theirs(ids).logits, ours(ids).logits
-    assert torch.equal(a, b)
+    theirs = assert_transformers_matches_cllm(out)
     base = open_checkpoint(tiny_model).get(NORMS[0])
     assert not torch.equal(theirs.model.layers[0].input_layernorm.weight.data, base)
 

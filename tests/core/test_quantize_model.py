@@ -7,18 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cllm.core.eval.perplexity import EvalConfig
-from cllm.core.eval.run import run_eval
 from cllm.core.quantize.api import Target, quantize, state_dir
 from cllm.core.quantize.calib import load_calibration
 from cllm.core.quantize.methods import GPTQConfig, RTNConfig
 from cllm.errors import InputError, UsageError
 from cllm.formats.checkpoint import open_checkpoint
-from cllm.formats.provenance import make_provenance
-
-
-def _prov(params: dict) -> dict:
-    return make_provenance("quantize", params, "0" * 64, None)
+from tests.conftest import kld_vs_base, quant_provenance
 
 
 def test_calibration_windows_are_seeded(tiny_model: Path, tiny_text: Path, calib) -> None:  # noqa: ANN001
@@ -41,33 +35,25 @@ def test_bad_calibration_files(tiny_model: Path, tmp_path: Path) -> None:
         load_calibration(tmp_path / "empty.txt", tok, 4, 64, 0)
 
 
-def _kld(model: Path, base: Path, text: Path) -> float:
-    res = run_eval(
-        open_checkpoint(model),
-        EvalConfig(text=str(text), ctx=64, chunks=8),
-        kld_base=open_checkpoint(base),
-    )
-    assert res.kld is not None
-    return res.kld.mean
-
-
-def test_gptq_beats_rtn_on_kld(tiny_model: Path, tiny_text: Path, calib, tmp_path: Path) -> None:  # noqa: ANN001
+def test_gptq_beats_rtn_onkld_vs_base(
+    tiny_model: Path, tiny_text: Path, calib, tmp_path: Path
+) -> None:  # noqa: ANN001
     ckpt = open_checkpoint(tiny_model)
     target = Target(to="safetensors", bits=3, group_size=32, fake=True)
     rtn_out, gptq_out = tmp_path / "rtn", tmp_path / "gptq"
-    quantize(ckpt, RTNConfig(), target, rtn_out, _prov({"m": "rtn"}))
+    quantize(ckpt, RTNConfig(), target, rtn_out, quant_provenance({"m": "rtn"}))
     report = quantize(
         ckpt,
         GPTQConfig(calib_samples=16, calib_seqlen=64),
         target,
         gptq_out,
-        _prov({"m": "gptq"}),
+        quant_provenance({"m": "gptq"}),
         calibration=calib,
     )
     assert report["quantized_tensors"] == 14
     assert not state_dir(gptq_out).exists()  # state is removed once the output is written
-    k_rtn = _kld(rtn_out, tiny_model, tiny_text)
-    k_gptq = _kld(gptq_out, tiny_model, tiny_text)
+    k_rtn = kld_vs_base(rtn_out, tiny_model, tiny_text)
+    k_gptq = kld_vs_base(gptq_out, tiny_model, tiny_text)
     assert 0 < k_gptq < k_rtn
     # untouched tensors are copied exactly; quantized ones have at most 2^bits distinct values per group
     q = open_checkpoint(gptq_out)
@@ -84,7 +70,7 @@ def test_keep_leaves_tensors_unquantized(tiny_model: Path, tmp_path: Path) -> No
         RTNConfig(),
         Target(bits=4, group_size=32, fake=True, keep=[r"mlp\.down_proj"]),
         out,
-        _prov({}),
+        quant_provenance({}),
     )
     assert report["quantized_tensors"] == 12
     q = open_checkpoint(out)
@@ -94,17 +80,23 @@ def test_keep_leaves_tensors_unquantized(tiny_model: Path, tmp_path: Path) -> No
         q.get("model.layers.1.mlp.up_proj.weight"), ckpt.get("model.layers.1.mlp.up_proj.weight")
     )
     with pytest.raises(UsageError, match="regular expression"):
-        quantize(ckpt, RTNConfig(), Target(keep=["("]), tmp_path / "x", _prov({}))
+        quantize(ckpt, RTNConfig(), Target(keep=["("]), tmp_path / "x", quant_provenance({}))
 
 
 def test_packed_output_uses_a_group_size_loaders_accept(tiny_model: Path, tmp_path: Path) -> None:
     """Rows of 64 and 128: g256 cannot be loaded by compressed-tensors, so packed output says so
     and uses g64, the largest size dividing every row, while --fake keeps g256 semantics (one shorter group)."""
     ckpt = open_checkpoint(tiny_model)
-    packed = quantize(ckpt, RTNConfig(), Target(bits=4, group_size=256), tmp_path / "p", _prov({}))
+    packed = quantize(
+        ckpt, RTNConfig(), Target(bits=4, group_size=256), tmp_path / "p", quant_provenance({})
+    )
     assert packed["group_size_used"] == 64 and "does not divide" in packed["note"]
     fake = quantize(
-        ckpt, RTNConfig(), Target(bits=4, group_size=256, fake=True), tmp_path / "f", _prov({})
+        ckpt,
+        RTNConfig(),
+        Target(bits=4, group_size=256, fake=True),
+        tmp_path / "f",
+        quant_provenance({}),
     )
     assert "note" not in fake
     a = open_checkpoint(tmp_path / "p").get("model.layers.0.mlp.up_proj.weight")
@@ -118,7 +110,7 @@ def test_gptq_resume_after_kill_gives_identical_bytes(
     ckpt = open_checkpoint(tiny_model)
     cfg = GPTQConfig(calib_samples=16, calib_seqlen=64)
     target = Target(to="gguf", gguf_type="Q4_0")
-    prov = _prov({"m": "gptq", "resume": True})
+    prov = quant_provenance({"m": "gptq", "resume": True})
     clean = tmp_path / "clean.gguf"
     quantize(ckpt, cfg, target, clean, prov, calibration=calib)
 
