@@ -87,6 +87,8 @@ def test_llamacpp_types_through_its_quantizer(tiny_model: Path, tmp_path: Path) 
         (["--method", "gptq", "--calib-samples", "100000"], "fewer than"),
         (["--act-order"], "apply to --method gptq"),
         (["--to", "gguf"], "needs --gguf-type"),
+        (["--clip", "--gguf-type", "Q4_K_M"], "--clip cannot target Q4_K_M"),
+        (["--method", "awq", "--clip"], "--clip applies to"),
     ],
 )
 def test_bad_quantize_arguments(
@@ -231,3 +233,36 @@ def test_architecture_llamacpp_cannot_take(tmp_path: Path) -> None:
     assert p.returncode == 2, p.stderr
     assert "cannot be written as GGUF" in p.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_rtn_clip_writes_a_standard_gguf_closer_to_the_weights(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """--clip changes only which fp16 scale each block gets: llama.cpp reads the file, every
+    block decodes closer to the float weights than llama.cpp's own min-max rounding."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    paths = {}
+    for flag in ("--no-clip", "--clip"):
+        out = tmp_path / f"m{flag}.gguf"
+        run_cli(
+            "quantize", str(tiny_model), "--gguf-type", "Q4_0", flag, "-o", str(out), check=True
+        )
+        paths[flag] = out
+    prov = open_checkpoint(paths["--clip"]).provenance
+    assert prov is not None and prov["params"]["method"]["clip"] is True
+    base = open_checkpoint(tiny_model)
+    errs = {}
+    for flag, path in paths.items():
+        r = GGUFReader(path)
+        t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+        assert t.tensor_type.name == "Q4_0"
+        w = dequantize(t.data, t.tensor_type).reshape(-1)
+        ref = base.get("model.layers.0.mlp.down_proj.weight").float().numpy().reshape(-1)
+        errs[flag] = float((abs(w - ref) ** 2.4).sum())
+    assert errs["--clip"] < errs["--no-clip"]
+    from llama_cpp import Llama
+
+    llm = Llama(str(paths["--clip"]), n_ctx=64, verbose=False)
+    assert len(llm.tokenize(b"hello world")) > 0

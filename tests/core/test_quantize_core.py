@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from cllm.core.quantize.gptq import HessianAccumulator, gptq_quantize
-from cllm.core.quantize.grid import GGUFGrid, IntGrid, dequantize_groups, quantize_rtn
+from cllm.core.quantize.grid import (
+    CLIP_NORM,
+    GGUFGrid,
+    GroupParams,
+    IntGrid,
+    dequantize_groups,
+    fit_clipped,
+    quantize_rtn,
+)
 from cllm.errors import UsageError
 
 
@@ -112,3 +120,82 @@ def test_dead_input_columns_are_zeroed() -> None:
     w = torch.randn(16, 64)
     res = gptq_quantize(w, 2 * x.t() @ x / 256, IntGrid(4, 32, True))
     assert torch.all(res.weight[:, 5].abs() <= res.scales[:, 0] * 0.5 + 1e-6)
+
+
+GRIDS = [
+    IntGrid(3, 64, True),
+    IntGrid(3, 64, False),
+    IntGrid(4, 32, True),
+    GGUFGrid("Q4_0"),
+    GGUFGrid("Q4_1"),
+    GGUFGrid("Q5_0"),
+    GGUFGrid("Q8_0"),
+]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.describe())
+def test_clip_search_never_raises_group_error(grid: IntGrid | GGUFGrid) -> None:
+    # heavy-tailed rows, as LLM weights are: a few large weights stretch min-max scales
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(3.0).sample((256, 32)) * 0.02
+    w[0] = 0.0  # a constant group stays exact
+    plain, clipped = grid.fit(w), fit_clipped(grid, w, clip=True)
+    assert torch.equal(fit_clipped(grid, w).scale, plain.scale)
+
+    def err(p: GroupParams) -> torch.Tensor:
+        return (grid.dequantize(grid.quantize(w, p), p) - w).abs().pow(CLIP_NORM).sum(dim=1)
+
+    e_plain, e_clip = err(plain), err(clipped)
+    assert (e_clip <= e_plain).all()
+    if grid.bits <= 5:  # it finds real gains on heavy tails (at 8 bits shrinking never pays)
+        assert e_clip.sum() < 0.99 * e_plain.sum()
+    assert float(e_clip[0]) == 0.0
+    if isinstance(grid, GGUFGrid):  # still the type's exact format: fp16 scales
+        assert torch.equal(clipped.scale, clipped.scale.half().float())
+
+
+def test_gptq_with_clip_search_lowers_output_error_at_3_bits() -> None:
+    x = _inputs(1024, 128, seed=1)
+    torch.manual_seed(4)
+    w = torch.distributions.StudentT(3.0).sample((64, 128)) * 0.02
+    H = 2 * x.t() @ x / x.shape[0]
+    grid = IntGrid(3, 64, True)
+
+    def out_err(q: torch.Tensor) -> float:
+        return float(((x @ q.t() - x @ w.t()) ** 2).mean())
+
+    plain = gptq_quantize(w, H, grid, act_order=True)
+    clipped = gptq_quantize(w, H, grid, act_order=True, clip=True)
+    assert out_err(clipped.weight) < 0.99 * out_err(plain.weight)
+    assert torch.allclose(
+        dequantize_groups(clipped.codes, clipped.scales, clipped.zeros, 64),
+        clipped.weight,
+        atol=1e-6,
+    )
+
+
+def test_static_groups_equal_group_by_group_fits() -> None:
+    from cllm.core.quantize.gptq import _static_groups
+
+    torch.manual_seed(5)
+    w = torch.distributions.StudentT(3.0).sample((16, 160)) * 0.02  # 2 full groups of 64 + 32
+    for grid in (IntGrid(3, 64, True), IntGrid(4, 64, False)):
+        for clip in (False, True):
+            got = _static_groups(w, grid, 64, clip)
+            assert len(got) == 3
+            for j, p in enumerate(got):
+                want = fit_clipped(grid, w[:, j * 64 : (j + 1) * 64], clip)
+                assert torch.equal(p.scale, want.scale) and torch.equal(p.zero, want.zero)
+
+
+@pytest.mark.parametrize("dim", [32, 192, 500])
+def test_hessian_strips_give_the_full_symmetric_product(dim: int) -> None:
+    x = _inputs(600, dim - dim % 4)
+    x = torch.cat([x, torch.randn(600, dim % 4)], dim=1)
+    acc = HessianAccumulator(dim)
+    acc.add(x[:250])
+    assert torch.allclose(acc.H, 2 * x[:250].t() @ x[:250] / 250, rtol=1e-4, atol=1e-3)
+    acc.add(x[250:])  # more rows after H was read
+    want = 2 * x.t() @ x / 600
+    assert torch.equal(acc.H, acc.H.t())
+    assert torch.allclose(acc.H, want, rtol=1e-4, atol=1e-3)

@@ -10,7 +10,7 @@ from gguf.quants import dequantize, np_roundf, quantize
 
 from cllm.core.quantize.grid import GGUFGrid, dequantize_groups, quantize_rtn
 from cllm.errors import UsageError
-from cllm.formats.gguf_pack import SPECS, pack_blocks, unpack_blocks
+from cllm.formats.gguf_pack import SPECS, pack_blocks, quantize_reference, unpack_blocks
 
 QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 F32 = np.float32
@@ -240,3 +240,20 @@ def test_validation_errors() -> None:
         unpack_blocks("Q4_0", np.zeros((2, 20), dtype=np.uint8))
     with pytest.raises(UsageError, match="uint8"):
         unpack_blocks("Q4_0", np.zeros((2, 18), dtype=np.int16))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quantize_reference_is_byte_identical_to_gguf_py(qtype: str, seed: int) -> None:
+    w = weights(seed)
+    w[9, :32] = F32(6e4)  # a scale near the top of fp16
+    w[10, :32] = F32(1e-9)  # a scale that underflows fp16
+    w[11, :16], w[11, 16:32] = F32(2.0), F32(-2.0)
+    ours = quantize_reference(qtype, w)
+    assert ours.dtype == np.uint8
+    assert np.array_equal(ours, quantize(w, gtype(qtype)))
+
+
+def test_quantize_reference_rejects_ragged_rows() -> None:
+    with pytest.raises(UsageError, match="multiple of 32"):
+        quantize_reference("Q4_0", np.zeros((2, 48), dtype=F32))

@@ -77,6 +77,12 @@ def quantize_cmd(
     fake: bool = typer.Option(
         False, "--fake", help="Write dense dequantized weights instead of packed integers."
     ),
+    clip: bool = typer.Option(
+        None,
+        "--clip/--no-clip",
+        help="Shrink each group's range where that lowers its rounding error (any grid, same format) [default: on for GPTQ, off for RTN].",
+        show_default=False,
+    ),
     keep: list[str] = typer.Option(
         [], "--keep", help="Regex of tensor names to leave unquantized (repeatable)."
     ),
@@ -169,7 +175,7 @@ def quantize_cmd(
         cllm quantize smollm2-135m --method gptq --gguf-type Q4_0 | cllm eval - -b llama.cpp --kld-base smollm2-135m
     """
     _quantize(
-        checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, keep,
+        checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, clip, keep,
         calib, calib_samples, calib_seqlen, seed, awq_then.value, awq_grid, act_order, damp, calib_dtype, resume,
         sensitivity, candidates, sensitivity_chunks, sensitivity_file, target_bpw, target_size,
         output, force, dry_run, as_json,
@@ -186,6 +192,7 @@ def _quantize(
     to: str | None,
     gguf_type: str | None,
     fake: bool,
+    clip: bool | None,
     keep: list[str],
     calib: Path | None,
     calib_samples: int,
@@ -244,11 +251,17 @@ def _quantize(
         if act_order is None:  # on wherever GPTQ runs: better at no cost in format or speed
             act_order = method == "gptq" or awq_then == "gptq"
         if method == "awq":
+            if clip is not None:
+                raise UsageError(
+                    "--clip applies to --method rtn and gptq",
+                    "AWQ searches its own scales; use --method gptq --clip",
+                )
             cfg = AWQConfig(grid_points=awq_grid, then=awq_then, act_order=act_order, damp=damp,
                             calib=str(calib) if calib else None, calib_samples=calib_samples,
                             calib_seqlen=calib_seqlen, seed=seed, compute_dtype=calib_dtype)  # fmt: skip
         else:
-            cfg = GPTQConfig(act_order=act_order, damp=damp, calib=str(calib) if calib else None,
+            cfg = GPTQConfig(act_order=act_order, damp=damp, clip=clip is not False,
+                             calib=str(calib) if calib else None,
                              calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
                              compute_dtype=calib_dtype)  # fmt: skip
         cfg.validate()
@@ -256,7 +269,7 @@ def _quantize(
     else:
         if act_order is not None or resume:
             raise UsageError("--act-order and --resume apply to --method gptq or awq only")
-        cfg = RTNConfig()
+        cfg = RTNConfig(clip=bool(clip))
     cands = [c.strip().upper() for c in candidates.split(",") if c.strip()]
     grid = None if mixed or sensitivity else target.grid(cfg)  # validates flags before heavy work
     ckpt, spec = open_spec(checkpoint)

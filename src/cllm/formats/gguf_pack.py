@@ -108,16 +108,73 @@ def pack_blocks(
         d16 = np.where(cb.any(axis=-1), d16, np.float16(0)).astype("<f2")
         out[..., 2:4] = m16.view(np.uint8).reshape(rows, nb, 2)
     out[..., 0:2] = d16.view(np.uint8).reshape(rows, nb, 2)
+    _write_codes(out, cb, spec, qtype)
+    return out.reshape(rows, nb * spec.type_size)
 
+
+def _write_codes(out: np.ndarray, cb: np.ndarray, spec: BlockSpec, qtype: str) -> None:
+    """Codes `cb` uint8 [rows, nb, 32] into the code bytes of blocks `out` [rows, nb, type_size]."""
     pos = 4 if spec.has_min else 2
     if qtype == "Q8_0":
         out[..., pos:] = cb - np.uint8(127)  # wraps: the int8 (code - 127) in two's complement
+        return
+    if spec.bits == 5:
+        out[..., pos : pos + 4] = np.packbits(cb >> np.uint8(4), axis=-1, bitorder="little")
+        pos += 4
+    lo = cb[..., : BLOCK // 2] & np.uint8(0x0F)
+    out[..., pos:] = lo | (cb[..., BLOCK // 2 :] << np.uint8(4))
+
+
+def quantize_reference(qtype: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """llama.cpp's reference round-to-nearest of float32 `x` [rows, cols] into `qtype` blocks.
+
+    The same bytes as `gguf.quants.quantize` (and ggml's `quantize_row_*_ref`), computed with
+    torch: gguf-py's numpy version runs on one core over small slices and was 60% of a
+    Q4_0 conversion of SmolLM2. The arithmetic is the reference's, step for step in float32
+    (scale, its reciprocal, multiply, add, truncate; Q8_0 rounds half away from zero), so the
+    golden test against gguf-py holds bit for bit.
+    """
+    spec = block_spec(qtype)
+    t = torch.as_tensor(x)
+    if t.dtype != torch.float32 or t.ndim != 2 or t.shape[1] % BLOCK or t.shape[1] == 0:
+        raise UsageError(
+            f"{qtype} reference quantization needs float32 [rows, cols] with cols a multiple "
+            f"of {BLOCK}, got {t.dtype} {tuple(t.shape)}"
+        )
+    rows, cols = t.shape
+    nb = cols // BLOCK
+    blocks = t.reshape(rows, nb, BLOCK)
+    levels = spec.maxq + 1
+    m: torch.Tensor | None = None
+    if qtype == "Q8_0":
+        d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        v = blocks * inv
+        a = v.abs()
+        fl = a.floor()
+        q = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int8)
+        codes = q.view(torch.uint8).numpy()
+        out = np.empty((rows, nb, spec.type_size), dtype=np.uint8)
+        out[..., 0:2] = d.half().numpy().view(np.uint8).reshape(rows, nb, 2)
+        out[..., 2:] = codes
+        return out.reshape(rows, nb * spec.type_size)
+    if spec.has_min:
+        hi = blocks.amax(dim=-1, keepdim=True)
+        m = blocks.amin(dim=-1, keepdim=True)
+        d = (hi - m) / (levels - 1)
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        q = torch.trunc((blocks - m) * inv + 0.5)
     else:
-        if spec.bits == 5:
-            out[..., pos : pos + 4] = np.packbits(cb >> np.uint8(4), axis=-1, bitorder="little")
-            pos += 4
-        lo = cb[..., : BLOCK // 2] & np.uint8(0x0F)
-        out[..., pos:] = lo | (cb[..., BLOCK // 2 :] << np.uint8(4))
+        idx = blocks.abs().argmax(dim=-1, keepdim=True)
+        d = torch.gather(blocks, -1, idx) / -(levels // 2)
+        inv = torch.where(d == 0, 0.0, 1 / d)
+        q = torch.trunc(blocks * inv + (levels // 2 + 0.5))
+    cb = q.clamp_(0, levels - 1).to(torch.uint8).numpy()
+    out = np.empty((rows, nb, spec.type_size), dtype=np.uint8)
+    out[..., 0:2] = d.half().numpy().view(np.uint8).reshape(rows, nb, 2)
+    if m is not None:
+        out[..., 2:4] = m.half().numpy().view(np.uint8).reshape(rows, nb, 2)
+    _write_codes(out, cb, spec, qtype)
     return out.reshape(rows, nb * spec.type_size)
 
 

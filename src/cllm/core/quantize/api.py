@@ -59,8 +59,13 @@ class Target:
                     f"unknown GGUF type {self.gguf_type}",
                     "Choose one of " + ", ".join(LLAMACPP_TYPES),
                 )
-            if isinstance(method, RTNConfig):
+            if isinstance(method, RTNConfig) and not method.clip:
                 return None
+            if t not in GGUF_GRIDS and isinstance(method, RTNConfig):
+                raise UsageError(
+                    f"--clip cannot target {t}",
+                    "llama.cpp's quantizer searches K-quant and IQ scales itself; drop --clip",
+                )
             if t not in GGUF_GRIDS:
                 raise UsageError(
                     f"{method.method.upper()} cannot target {t} yet",
@@ -137,7 +142,7 @@ def quantize(
     else:
         from cllm.core.quantize.store import RTNStore
 
-        store = RTNStore(ckpt, grid, names)
+        store = RTNStore(ckpt, grid, names, clip=isinstance(method, RTNConfig) and method.clip)
     from cllm.core.quantize import writers
 
     if isinstance(grid, GGUFGrid):
@@ -177,7 +182,12 @@ def _quantize_mixed(
         raise UsageError(f"{len(types)} layer types given for {n_layers} layers")
     plan = {i: GGUFGrid(t) for i, t in enumerate(types)}
     check_divisible(ckpt, names, plan[0])
-    if isinstance(method, RTNConfig):
+    if isinstance(method, RTNConfig) and method.clip:
+        from cllm.core.quantize.store import RTNStore
+
+        rtn = RTNStore(ckpt, plan, names, clip=True)
+        report = writers.write_gguf_grid(out, ckpt, rtn, names, plan, provenance, progress)
+    elif isinstance(method, RTNConfig):
         per_name = {n: types[layer_of(n)] for n in names}
         report = writers.write_gguf_rtn(out, ckpt, names, per_name, provenance, progress)
     else:

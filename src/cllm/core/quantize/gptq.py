@@ -13,15 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams
+from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams, fit_clipped
 from cllm.errors import RuntimeFailure
 
 
 class HessianAccumulator:
-    """H = 2/n * sum x x^T over every input row seen, accumulated in float64-safe steps."""
+    """H = 2/n * sum x x^T over every input row seen, accumulated in float32.
+
+    H is symmetric, so `add` computes only the blocks on and right of the diagonal (in
+    column strips of `STRIP`) and `H` mirrors them on read: 40% fewer flops for these
+    products, which were a third of a GPTQ run on SmolLM2. (bf16 products would be 4x
+    faster still, but rounding their sums to bf16 left Hessians that damping could not
+    make positive definite next to the model's outlier channels.)
+    """
+
+    STRIP = 192
 
     def __init__(self, dim: int) -> None:
-        self.H = torch.zeros(dim, dim, dtype=torch.float32)
+        self._H = torch.zeros(dim, dim, dtype=torch.float32)
+        self._mirrored = True
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -29,10 +39,23 @@ class HessianAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        self.H *= self.n / (self.n + m)
+        self._H *= self.n / (self.n + m)
         self.n += m
         x = x * math.sqrt(2 / self.n)
-        self.H.addmm_(x.t(), x)
+        dim = x.shape[1]
+        for i in range(0, dim, self.STRIP):
+            self._H[i : i + self.STRIP, i:].addmm_(x[:, i : i + self.STRIP].t(), x[:, i:])
+        self._mirrored = dim <= self.STRIP
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._mirrored:
+            dim = self._H.shape[0]
+            for i in range(0, dim, self.STRIP):
+                j = i + self.STRIP
+                self._H[j:, i:j] = self._H[i:j, j:].t()
+            self._mirrored = True
+        return self._H
 
 
 @dataclass
@@ -50,6 +73,7 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = 0.01,
     blocksize: int = 128,
+    clip: bool = False,
 ) -> GPTQResult:
     """Quantize `W` [rows, cols] given the input Hessian `H` [cols, cols].
 
@@ -57,7 +81,8 @@ def gptq_quantize(
     feedback so far (groups are contiguous column ranges). With `act_order`,
     columns are visited by decreasing Hessian diagonal, and group scales are
     fitted up front on the original weights ("static groups") so groups stay
-    contiguous in the stored layout.
+    contiguous in the stored layout. `clip` searches each group's range for the lowest
+    rounding error (see `fit_clipped`) instead of taking its min and max.
     """
     W = W.detach().float().clone()
     rows, cols = W.shape
@@ -77,7 +102,7 @@ def gptq_quantize(
     perm: torch.Tensor | None = None
     invperm: torch.Tensor | None = None
     if act_order:
-        static = [grid.fit(W[:, j * g : (j + 1) * g]) for j in range(n_groups)]
+        static = _static_groups(W, grid, g, clip)
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
@@ -118,9 +143,8 @@ def gptq_quantize(
             else:
                 gi = col // g
                 if col % g == 0:
-                    current = grid.fit(
-                        W1[:, i : i + g]
-                    )  # the group as updated by the error feedback so far
+                    # the group as updated by the error feedback so far
+                    current = fit_clipped(grid, W1[:, i : i + g], clip)
                 assert current is not None
                 p = current
             q = grid.quantize(w.unsqueeze(1), p)
@@ -140,3 +164,18 @@ def gptq_quantize(
         Q = Q[:, invperm]
         codes = codes[:, invperm]
     return GPTQResult(codes, scales, zeros, Q)
+
+
+def _static_groups(W: torch.Tensor, grid: Grid, g: int, clip: bool) -> list[GroupParams]:
+    """Each group's parameters fitted on the original weights, all full groups in one call
+    (the fit is row-wise, so this equals fitting group by group)."""
+    rows, cols = W.shape
+    full = cols // g
+    groups: list[GroupParams] = []
+    if full:
+        p = fit_clipped(grid, W[:, : full * g].reshape(rows * full, g), clip)
+        s, z = p.scale.reshape(rows, full), p.zero.reshape(rows, full)
+        groups = [GroupParams(s[:, j : j + 1], z[:, j : j + 1]) for j in range(full)]
+    if cols % g:
+        groups.append(fit_clipped(grid, W[:, full * g :], clip))
+    return groups

@@ -16,36 +16,50 @@ from cllm.core.quantize.store import LayerStateStore
 from cllm.formats.checkpoint import Checkpoint
 
 
+class _AllInputsSeen(Exception):
+    """Raised from a hook to end a batch's forward once every Linear has seen its input."""
+
+
 def collect_hessians(
     runner: LayerRunner,
     layer: torch.nn.Module,
     hidden: torch.Tensor,
     linears: dict[str, torch.nn.Linear],
 ) -> dict[str, HessianAccumulator]:
-    """One pass of the layer over the calibration set, accumulating each Linear's input Hessian."""
+    """One pass of the layer over the calibration set, accumulating each Linear's input Hessian.
+
+    Each batch stops as soon as every Linear has seen its input: the rest of the layer (at
+    least the last projection) would only compute outputs nobody reads.
+    """
     accs = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
     last: list[Any] = [
         None,
         None,
     ]  # (input tensor, its accumulator); holding it keeps its identity unique
+    seen: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0]
             if last[0] is x:  # q/k/v (and gate/up) read the same tensor: accumulate it once
                 accs[name] = last[1]
-                return
-            accs[name].add(x)
-            last[0], last[1] = x, accs[name]
+            else:
+                accs[name].add(x)
+                last[0], last[1] = x, accs[name]
+            seen.add(name)
+            if len(seen) == len(accs):
+                seen.clear()
+                raise _AllInputsSeen
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        runner.forward(layer, hidden)
+        runner.feed(layer, hidden, stop=_AllInputsSeen)
     finally:
         for h in handles:
             h.remove()
+    last[0] = last[1] = None
     return accs
 
 
@@ -80,6 +94,7 @@ def run_gptq(
                 act_order=cfg.act_order,
                 damp=cfg.damp,
                 blocksize=cfg.blocksize,
+                clip=cfg.clip,
             )
             m.weight.data = res.weight
             group = layer_grid.group_width(m.in_features)

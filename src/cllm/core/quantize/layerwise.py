@@ -101,6 +101,21 @@ class LayerRunner:
                 on_batch()
         return out
 
+    @torch.inference_mode()
+    def feed(self, layer: torch.nn.Module, hidden: torch.Tensor, stop: type[Exception]) -> None:
+        """Run every calibration batch into the layer for its hooks only; a hook raising
+        `stop` ends that batch early (the outputs are not kept)."""
+        pe = self.position_embeddings(hidden)
+        pos = torch.arange(hidden.shape[1])[None]
+        bf16 = self.compute_dtype == "bf16"
+        for b in range(0, hidden.shape[0], self.batch_size):
+            x = hidden[b : b + self.batch_size]
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            except stop:
+                pass
+
 
 def resolve_compute_dtype(requested: str) -> str:
     """'auto' means bf16 where the CPU has native bf16 matmul (about 2.4x faster here), else fp32.

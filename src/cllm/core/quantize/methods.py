@@ -40,6 +40,7 @@ class QuantResult:
 class RTNConfig:
     """Round to nearest: no calibration, streams tensor by tensor."""
 
+    clip: bool = False  # search each group's range for the lowest rounding error
     method: str = field(default="rtn", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +54,7 @@ class GPTQConfig:
     act_order: bool = True
     damp: float = 0.01
     blocksize: int = 128
+    clip: bool = False  # search each group's range for the lowest rounding error
     calib: str | None = None
     calib_samples: int = 128
     calib_seqlen: int = 512

@@ -24,8 +24,10 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class RTNStore:
-    def __init__(self, ckpt: Checkpoint, grid: GridPlan, names: list[str]) -> None:
-        self.ckpt, self.grid, self.names = ckpt, grid, set(names)
+    def __init__(
+        self, ckpt: Checkpoint, grid: GridPlan, names: list[str], clip: bool = False
+    ) -> None:
+        self.ckpt, self.grid, self.names, self.clip = ckpt, grid, set(names), clip
         self._last: tuple[str, QuantResult] | None = None
 
     def __contains__(self, name: str) -> bool:
@@ -36,7 +38,7 @@ class RTNStore:
             return self._last[1]
         w = self.ckpt.get(name).float()
         grid = grid_for(self.grid, layer_of(name))
-        codes, scales, zeros = quantize_rtn(w, grid)
+        codes, scales, zeros = quantize_rtn(w, grid, self.clip)
         res = QuantResult(codes, scales, zeros, grid.group_width(w.shape[1]))
         self._last = (name, res)
         return res
