@@ -128,26 +128,45 @@ def main() -> None:
                 "backend": "llama.cpp",
             }
         )
+    # RTN rows: plain min-max groups, and with --clip (the same range search GPTQ does by
+    # default), so GPTQ's gain can be read against both
     for bits, group in (("4", "128"), ("3", "64")):
+        for clip in ("--no-clip", "--clip"):
+            path, t = cllm(
+                "quantize",
+                "smollm2-135m",
+                "--bits",
+                bits,
+                "--group-size",
+                group,
+                clip,
+                "--fake",
+                "-o",
+                str(tmp / f"rtn{clip}-int{bits}-g{group}"),
+            )
+            rows.append(
+                {
+                    "tool": "cllm",
+                    "method": "rtn" if clip == "--no-clip" else "rtn+clip",
+                    "type": f"int{bits} g{group}",
+                    "path": path,
+                    "time_s": stats([t]),
+                    "backend": "torch",
+                }
+            )
+    for gtype in ("Q4_0", "Q5_0"):
         path, t = cllm(
-            "quantize",
-            "smollm2-135m",
-            "--bits",
-            bits,
-            "--group-size",
-            group,
-            "--fake",
-            "-o",
-            str(tmp / f"rtn-int{bits}-g{group}"),
-        )
+            "quantize", "smollm2-135m", "--gguf-type", gtype, "--clip",
+            "-o", str(tmp / f"rtn-clip.{gtype}.gguf"),
+        )  # fmt: skip
         rows.append(
             {
                 "tool": "cllm",
-                "method": "rtn",
-                "type": f"int{bits} g{group}",
+                "method": "rtn+clip",
+                "type": gtype,
                 "path": path,
                 "time_s": stats([t]),
-                "backend": "torch",
+                "backend": "llama.cpp",
             }
         )
     if not args.skip_gptq:
@@ -157,7 +176,12 @@ def main() -> None:
             "--calib-seqlen",
             str(args.calib_seqlen),
         ]
-        for bits, group in (("4", "128"), ("3", "64")):
+        # GPTQ as shipped (--clip on), plus one ablation without the range search
+        for bits, group, clip in (
+            ("4", "128", "--clip"),
+            ("3", "64", "--clip"),
+            ("3", "64", "--no-clip"),
+        ):
             path, t = cllm(
                 "quantize",
                 "smollm2-135m",
@@ -167,15 +191,16 @@ def main() -> None:
                 bits,
                 "--group-size",
                 group,
+                clip,
                 "--fake",
                 *calib,
                 "-o",
-                str(tmp / f"gptq-int{bits}-g{group}"),
+                str(tmp / f"gptq{clip}-int{bits}-g{group}"),
             )
             rows.append(
                 {
                     "tool": "cllm",
-                    "method": "gptq",
+                    "method": "gptq" if clip == "--clip" else "gptq --no-clip",
                     "type": f"int{bits} g{group}",
                     "path": path,
                     "time_s": stats([t]),
@@ -280,6 +305,11 @@ def main() -> None:
         if a is not None and b is not None and b > 0:
             checks.append({"check": name, "ratio": a / b, "limit": limit, "met": a / b <= limit})
 
+    def info(name: str, a: float | None, b: float | None) -> None:
+        """A ratio worth reading that no target sets."""
+        if a is not None and b is not None and b > 0:
+            checks.append({"check": name, "ratio": a / b, "limit": None, "met": None})
+
     ratio(
         "GPTQ int4 g128 KLD / RTN int4 g128 KLD",
         kld("cllm", "gptq", "int4 g128"),
@@ -291,6 +321,16 @@ def main() -> None:
         kld("cllm", "gptq", "int3 g64"),
         kld("cllm", "rtn", "int3 g64"),
         0.5,
+    )
+    info(
+        "GPTQ int3 g64 KLD / RTN+clip int3 g64 KLD",
+        kld("cllm", "gptq", "int3 g64"),
+        kld("cllm", "rtn+clip", "int3 g64"),
+    )
+    info(
+        "GPTQ int3 g64 KLD / GPTQ --no-clip int3 g64 KLD",
+        kld("cllm", "gptq", "int3 g64"),
+        kld("cllm", "gptq --no-clip", "int3 g64"),
     )
     ratio(
         "GPTQ Q4_0 KLD / llama.cpp Q4_0 KLD",
@@ -356,7 +396,12 @@ def main() -> None:
         "targets",
         ["check", "value", "limit", "met"],
         [
-            [c["check"], f"{c['ratio']:.3f}", str(c["limit"]), "yes" if c["met"] else "NO"]
+            [
+                c["check"],
+                f"{c['ratio']:.3f}",
+                "–" if c["limit"] is None else str(c["limit"]),
+                "–" if c["met"] is None else ("yes" if c["met"] else "NO"),
+            ]
             for c in checks
         ],
     )

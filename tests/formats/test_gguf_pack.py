@@ -257,3 +257,42 @@ def test_quantize_reference_is_byte_identical_to_gguf_py(qtype: str, seed: int) 
 def test_quantize_reference_rejects_ragged_rows() -> None:
     with pytest.raises(UsageError, match="multiple of 32"):
         quantize_reference("Q4_0", np.zeros((2, 48), dtype=F32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0"])
+def test_quantize_reference_breaks_magnitude_ties_like_argmax(qtype: str) -> None:
+    w = np.zeros((4, 64), dtype=F32)
+    w[0, 3], w[0, 7] = F32(-0.5), F32(0.5)  # the first of +/-a decides the sign of d
+    w[1, 3], w[1, 7] = F32(0.5), F32(-0.5)
+    w[2, :32] = F32(-0.0)  # all zeros, negative: d is +0.0 (bytes differ from -0.0)
+    w[3, 32:] = np.where(np.arange(32) % 2, F32(0.0), F32(-0.0))
+    assert np.array_equal(quantize_reference(qtype, w), quantize(w, gtype(qtype)))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_reference_refuses_non_finite(qtype: str, bad: float) -> None:
+    from cllm.formats.gguf_pack import NonFiniteError
+
+    w = weights(0)
+    w[7, 45] = bad
+    with pytest.raises(NonFiniteError):
+        quantize_reference(qtype, w)
+
+
+def test_q8_0_rounds_half_away_from_zero_at_every_half_integer() -> None:
+    # weights that land exactly on, and one float either side of, k + 1/2 after scaling
+    vals = []
+    for k in range(127):
+        for c in (k + 0.5, k + 1.0):
+            c32 = F32(c)
+            vals += [c32, np.nextafter(c32, F32(0)), np.nextafter(c32, F32(200))]
+    v = np.array(vals, dtype=F32)
+    v = np.concatenate([v, -v, [F32(0.49999997), F32(-0.49999997)]])
+    v = v[np.abs(v) <= 127]
+    w = np.zeros((1, 32 * (len(v) // 31 + 1)), dtype=F32)
+    for b in range(w.shape[1] // 32):  # each block: its max 127 (so d = 1) plus 31 test values
+        chunk = v[b * 31 : (b + 1) * 31]
+        w[0, b * 32] = F32(127)
+        w[0, b * 32 + 1 : b * 32 + 1 + len(chunk)] = chunk
+    assert np.array_equal(quantize_reference("Q8_0", w), quantize(w, gtype("Q8_0")))

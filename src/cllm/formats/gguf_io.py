@@ -499,7 +499,7 @@ def write_gguf(
     from gguf.quants import quant_shape_to_byte_shape, quantize
 
     from cllm.formats.gguf_pack import SPECS as GGUF_LEGACY
-    from cllm.formats.gguf_pack import quantize_reference
+    from cllm.formats.gguf_pack import NonFiniteError, quantize_reference
 
     if gguf_type not in WRITABLE_TYPES:
         raise UsageError(
@@ -575,17 +575,21 @@ def write_gguf(
             raise RuntimeError(
                 f"tensor {p.hf_name}: produced {list(arr.shape)}, planned {list(p.shape)}"
             )
-        if not np.isfinite(arr).all():
-            raise InputError(
-                f"tensor {p.hf_name} has non-finite values", "Refusing to write a broken model"
-            )
+        broken = InputError(
+            f"tensor {p.hf_name} has non-finite values", "Refusing to write a broken model"
+        )
+        if qt not in GGUF_LEGACY and not np.isfinite(arr).all():
+            raise broken
         arr = spec.to_gguf_rows(p.hf_name, arr, config)
         if qt == "F32":
             data = np.ascontiguousarray(arr)
         elif qt == "F16":
             data = arr.astype(np.float16)
         elif qt in GGUF_LEGACY:
-            data = quantize_reference(qt, np.ascontiguousarray(arr))
+            try:  # checks finiteness from its block statistics
+                data = quantize_reference(qt, np.ascontiguousarray(arr))
+            except NonFiniteError:
+                raise broken from None
         else:
             data = quantize(np.ascontiguousarray(arr), GGMLQuantizationType[qt])
         w.write_tensor_data(data)
@@ -623,17 +627,25 @@ def _fast_writer_class(base: type) -> type:
                     "<IQ", ltype, len(val)
                 )
                 if ltype == GGUFValueType.STRING and all(isinstance(v, str) for v in val):
-                    enc = [v.encode("utf-8") for v in val]
-                    lens = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc))
-                    parts = [b""] * (2 * len(enc))
-                    parts[0::2] = [bytes(x) for x in lens.view(np.uint8).reshape(-1, 8)]
-                    parts[1::2] = enc
-                    return head + b"".join(parts)
+                    return head + _pack_strings(val)
                 if ltype in numeric and all(type(v) in (int, float) for v in val):
                     return head + np.asarray(val, dtype=numeric[ltype]).tobytes()
             return bytes(super()._pack_val(val, vtype, add_vtype, sub_type))
 
     return FastWriter
+
+
+def _pack_strings(values: list[str]) -> bytes:
+    """GGUF string array items (u64 length + UTF-8 bytes each), laid out with numpy."""
+    enc = [v.encode("utf-8") for v in values]
+    lens = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+    blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+    out = np.empty(8 * len(enc) + blob.size, dtype=np.uint8)
+    starts = np.concatenate(([0], np.cumsum(lens[:-1] + 8)))  # where each item's length goes
+    out[(starts[:, None] + np.arange(8)).reshape(-1)] = lens.astype("<u8").view(np.uint8)
+    if blob.size:
+        out[np.arange(blob.size) + np.repeat(starts + 8 - np.cumsum(lens) + lens, lens)] = blob
+    return out.tobytes()
 
 
 def _add_kv(w: Any, key: str, value: Any) -> None:

@@ -125,14 +125,18 @@ def _write_codes(out: np.ndarray, cb: np.ndarray, spec: BlockSpec, qtype: str) -
     out[..., pos:] = lo | (cb[..., BLOCK // 2 :] << np.uint8(4))
 
 
+_JUST_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
+
+
 def quantize_reference(qtype: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
     """llama.cpp's reference round-to-nearest of float32 `x` [rows, cols] into `qtype` blocks.
 
     The same bytes as `gguf.quants.quantize` (and ggml's `quantize_row_*_ref`), computed with
-    torch: gguf-py's numpy version runs on one core over small slices and was 60% of a
-    Q4_0 conversion of SmolLM2. The arithmetic is the reference's, step for step in float32
-    (scale, its reciprocal, multiply, add, truncate; Q8_0 rounds half away from zero), so the
-    golden test against gguf-py holds bit for bit.
+    torch end to end: gguf-py's numpy version runs on one core over small slices and was 60%
+    of a Q4_0 conversion of SmolLM2. The arithmetic is the reference's, step for step in
+    float32 (scale, its reciprocal, multiply, add, truncate; Q8_0 rounds half away from zero),
+    so the golden test against gguf-py holds bit for bit. Raises `NonFiniteError` on NaN or
+    infinity, found from the block statistics at no extra pass over the data.
     """
     spec = block_spec(qtype)
     t = torch.as_tensor(x)
@@ -143,39 +147,70 @@ def quantize_reference(qtype: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
         )
     rows, cols = t.shape
     nb = cols // BLOCK
-    blocks = t.reshape(rows, nb, BLOCK)
+    blocks = t.reshape(rows * nb, BLOCK)
+    out = torch.empty((rows * nb, spec.type_size), dtype=torch.uint8)
     levels = spec.maxq + 1
-    m: torch.Tensor | None = None
     if qtype == "Q8_0":
-        d = blocks.abs().amax(dim=-1, keepdim=True) / 127
-        inv = torch.where(d == 0, 0.0, 1 / d)
-        v = blocks * inv
-        a = v.abs()
-        fl = a.floor()
-        q = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int8)
-        codes = q.view(torch.uint8).numpy()
-        out = np.empty((rows, nb, spec.type_size), dtype=np.uint8)
-        out[..., 0:2] = d.half().numpy().view(np.uint8).reshape(rows, nb, 2)
-        out[..., 2:] = codes
-        return out.reshape(rows, nb * spec.type_size)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        _check_finite(amax)
+        d = amax / 127
+        v = blocks * torch.where(d == 0, 0.0, 1 / d)
+        # roundf (half away from zero) for |v| <= 127 in two passes: adding the largest float
+        # below 1/2 lands exact halves on the next integer and nothing else (tested densely
+        # around every half-integer against gguf-py's np_roundf)
+        q = torch.copysign(torch.full((), _JUST_BELOW_HALF), v).add_(v).trunc_()
+        out[:, 0:2] = d.half().view(torch.uint8)
+        out[:, 2:] = q.to(torch.int8).view(torch.uint8)
+        return out.reshape(rows, nb * spec.type_size).numpy()
     if spec.has_min:
-        hi = blocks.amax(dim=-1, keepdim=True)
         m = blocks.amin(dim=-1, keepdim=True)
+        hi = blocks.amax(dim=-1, keepdim=True)
+        _check_finite(m, hi)
         d = (hi - m) / (levels - 1)
-        inv = torch.where(d == 0, 0.0, 1 / d)
-        q = torch.trunc((blocks - m) * inv + 0.5)
+        q = (blocks - m).mul_(torch.where(d == 0, 0.0, 1 / d)).add_(0.5)
+        out[:, 2:4] = m.half().view(torch.uint8)
     else:
-        idx = blocks.abs().argmax(dim=-1, keepdim=True)
-        d = torch.gather(blocks, -1, idx) / -(levels // 2)
-        inv = torch.where(d == 0, 0.0, 1 / d)
-        q = torch.trunc(blocks * inv + (levels // 2 + 0.5))
-    cb = q.clamp_(0, levels - 1).to(torch.uint8).numpy()
-    out = np.empty((rows, nb, spec.type_size), dtype=np.uint8)
-    out[..., 0:2] = d.half().numpy().view(np.uint8).reshape(rows, nb, 2)
-    if m is not None:
-        out[..., 2:4] = m.half().numpy().view(np.uint8).reshape(rows, nb, 2)
-    _write_codes(out, cb, spec, qtype)
-    return out.reshape(rows, nb * spec.type_size)
+        d = _signed_absmax(blocks) / -(levels // 2)
+        q = (blocks * torch.where(d == 0, 0.0, 1 / d)).add_(levels // 2 + 0.5)
+    # q >= 0 here, so the cast's truncation toward zero is the reference's trunc
+    cb = q.clamp_(0, levels - 1).to(torch.uint8)
+    out[:, 0:2] = d.half().view(torch.uint8)
+    pos = 4 if spec.has_min else 2
+    if spec.bits == 5:
+        # bit j of the little-endian u32 qh is the 5th bit of element j: byte k holds 8k..8k+7
+        bits = (cb >> 4).reshape(-1, 4, 8) << torch.arange(8, dtype=torch.uint8)
+        out[:, pos : pos + 4] = bits.sum(dim=-1, dtype=torch.uint8)
+        pos += 4
+        cb &= 0x0F
+    out[:, pos:] = cb[:, : BLOCK // 2] | (cb[:, BLOCK // 2 :] << 4)
+    return out.reshape(rows, nb * spec.type_size).numpy()
+
+
+class NonFiniteError(ValueError):
+    """The input holds NaN or infinity (a block's max/min would be non-finite)."""
+
+
+def _check_finite(*stats: torch.Tensor) -> None:
+    # max/min propagate NaN and infinity, so per-block stats reveal any non-finite weight
+    if not all(bool(torch.isfinite(t).all()) for t in stats):
+        raise NonFiniteError("non-finite values")
+
+
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """The first element of largest magnitude in each row, as the reference's argmax finds it.
+
+    max/min decide every row except ties (+a and -a both present, or all zeros, where the
+    sign of the first such element matters); only those rows pay for an argmax.
+    """
+    hi = blocks.amax(dim=-1, keepdim=True)
+    lo = blocks.amin(dim=-1, keepdim=True)
+    _check_finite(hi, lo)
+    out = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo).squeeze(-1)
+    if bool(tie.any()):
+        sub = blocks[tie]
+        out[tie] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+    return out
 
 
 def unpack_blocks(
