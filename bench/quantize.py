@@ -128,46 +128,25 @@ def main() -> None:
                 "backend": "llama.cpp",
             }
         )
+
+    def run(method: str, typ: str, backend: str, out_name: str, *flags: str) -> None:
+        """One `cllm quantize smollm2-135m ...` CLI run (wall time), recorded as a row."""
+        path, t = cllm("quantize", "smollm2-135m", *flags, "-o", str(tmp / out_name))
+        rows.append(
+            {"tool": "cllm", "method": method, "type": typ, "path": path,
+             "time_s": stats([t]), "backend": backend}
+        )  # fmt: skip
+
     # RTN rows: plain min-max groups, and with --clip (the same range search GPTQ does by
     # default), so GPTQ's gain can be read against both
     for bits, group in (("4", "128"), ("3", "64")):
         for clip in ("--no-clip", "--clip"):
-            path, t = cllm(
-                "quantize",
-                "smollm2-135m",
-                "--bits",
-                bits,
-                "--group-size",
-                group,
-                clip,
-                "--fake",
-                "-o",
-                str(tmp / f"rtn{clip}-int{bits}-g{group}"),
-            )
-            rows.append(
-                {
-                    "tool": "cllm",
-                    "method": "rtn" if clip == "--no-clip" else "rtn+clip",
-                    "type": f"int{bits} g{group}",
-                    "path": path,
-                    "time_s": stats([t]),
-                    "backend": "torch",
-                }
-            )
+            run("rtn" if clip == "--no-clip" else "rtn+clip", f"int{bits} g{group}", "torch",
+                f"rtn{clip}-int{bits}-g{group}", "--bits", bits, "--group-size", group, clip,
+                "--fake")  # fmt: skip
     for gtype in ("Q4_0", "Q5_0"):
-        path, t = cllm(
-            "quantize", "smollm2-135m", "--gguf-type", gtype, "--clip",
-            "-o", str(tmp / f"rtn-clip.{gtype}.gguf"),
-        )  # fmt: skip
-        rows.append(
-            {
-                "tool": "cllm",
-                "method": "rtn+clip",
-                "type": gtype,
-                "path": path,
-                "time_s": stats([t]),
-                "backend": "llama.cpp",
-            }
+        run(
+            "rtn+clip", gtype, "llama.cpp", f"rtn-clip.{gtype}.gguf", "--gguf-type", gtype, "--clip"
         )
     if not args.skip_gptq:
         calib = [
@@ -182,101 +161,17 @@ def main() -> None:
             ("3", "64", "--clip"),
             ("3", "64", "--no-clip"),
         ):
-            path, t = cllm(
-                "quantize",
-                "smollm2-135m",
-                "--method",
-                "gptq",
-                "--bits",
-                bits,
-                "--group-size",
-                group,
-                clip,
-                "--fake",
-                *calib,
-                "-o",
-                str(tmp / f"gptq{clip}-int{bits}-g{group}"),
-            )
-            rows.append(
-                {
-                    "tool": "cllm",
-                    "method": "gptq" if clip == "--clip" else "gptq --no-clip",
-                    "type": f"int{bits} g{group}",
-                    "path": path,
-                    "time_s": stats([t]),
-                    "backend": "torch",
-                }
-            )
+            run("gptq" if clip == "--clip" else "gptq --no-clip", f"int{bits} g{group}", "torch",
+                f"gptq{clip}-int{bits}-g{group}", "--method", "gptq", "--bits", bits,
+                "--group-size", group, clip, "--fake", *calib)  # fmt: skip
         for gtype in ("Q4_0", "Q5_0"):
-            path, t = cllm(
-                "quantize",
-                "smollm2-135m",
-                "--method",
-                "gptq",
-                "--gguf-type",
-                gtype,
-                *calib,
-                "-o",
-                str(tmp / f"gptq.{gtype}.gguf"),
-            )
-            rows.append(
-                {
-                    "tool": "cllm",
-                    "method": "gptq",
-                    "type": gtype,
-                    "path": path,
-                    "time_s": stats([t]),
-                    "backend": "llama.cpp",
-                }
-            )
-        path, t = cllm(
-            "quantize",
-            "smollm2-135m",
-            "--method",
-            "awq",
-            "--bits",
-            "4",
-            "--group-size",
-            "128",
-            "--fake",
-            *calib,
-            "-o",
-            str(tmp / "awq-int4-g128"),
-        )
-        rows.append(
-            {
-                "tool": "cllm",
-                "method": "awq",
-                "type": "int4 g128",
-                "path": path,
-                "time_s": stats([t]),
-                "backend": "torch",
-            }
-        )
+            run("gptq", gtype, "llama.cpp", f"gptq.{gtype}.gguf", "--method", "gptq",
+                "--gguf-type", gtype, *calib)  # fmt: skip
+        run("awq", "int4 g128", "torch", "awq-int4-g128", "--method", "awq", "--bits", "4",
+            "--group-size", "128", "--fake", *calib)  # fmt: skip
         for gtype in ("Q4_0", "Q5_0"):
-            path, t = cllm(
-                "quantize",
-                "smollm2-135m",
-                "--method",
-                "awq",
-                "--awq-then",
-                "gptq",
-                "--gguf-type",
-                gtype,
-                *calib,
-                "-o",
-                str(tmp / f"awq-gptq.{gtype}.gguf"),
-            )
-            rows.append(
-                {
-                    "tool": "cllm",
-                    "method": "awq+gptq",
-                    "type": gtype,
-                    "path": path,
-                    "time_s": stats([t]),
-                    "backend": "llama.cpp",
-                }
-            )
+            run("awq+gptq", gtype, "llama.cpp", f"awq-gptq.{gtype}.gguf", "--method", "awq",
+                "--awq-then", "gptq", "--gguf-type", gtype, *calib)  # fmt: skip
 
     for r in rows:
         res = evaluate(r["path"], r["backend"], args.chunks)
