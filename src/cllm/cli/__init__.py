@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer uses the click package
 
 from cllm import __version__
 from cllm.cli._common import STATE, debug_enabled
+from cllm.cli.bench import bench_cmd
 from cllm.cli.eval import eval_cmd
 from cllm.cli.export import export_cmd
 from cllm.cli.info import info
@@ -84,6 +85,7 @@ app.command("info")(info)
 app.command("eval")(eval_cmd)
 app.command("export")(export_cmd)
 app.command("quantize")(quantize_cmd)
+app.command("bench")(bench_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,13 @@ from cllm.errors import UsageError
 class Target(str, Enum):
     gguf = "gguf"
     safetensors = "safetensors"
+    onnx = "onnx"
+
+
+class OnnxQuant(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
 
 
 def export_cmd(
@@ -39,27 +46,41 @@ def export_cmd(
         False, "--single-file", help="safetensors: one file embedding config and tokenizer."
     ),
     dtype: str = typer.Option(
-        None, "--dtype", help="safetensors: cast float tensors to F32, F16 or BF16."
+        None,
+        "--dtype",
+        help="safetensors: cast float tensors to F32, F16 or BF16; onnx: fp32 (default) or fp16.",
+    ),
+    quant: OnnxQuant = typer.Option(
+        OnnxQuant.none,
+        "--quant",
+        help="onnx: int8 (onnxruntime dynamic quantization) or int4 (MatMulNBits blocks).",
+    ),
+    block_size: int = typer.Option(
+        32, "--block-size", help="onnx --quant int4: weights per scale (16, 32, 64, 128, 256)."
     ),
     output: Path = output_option("<stem>.export-<hash>.<ext>"),
     force: bool = FORCE_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Convert a checkpoint to GGUF (llama.cpp) or safetensors.
+    """Convert a checkpoint to GGUF (llama.cpp), safetensors or ONNX (onnxruntime).
 
     Prints the path of what it wrote. An existing output with the same
-    provenance is reused (Make-friendly) unless --force.
+    provenance is reused (Make-friendly) unless --force. ONNX output is a folder
+    (model.onnx, its weights, genai_config.json, tokenizer): a decoder with a KV cache.
 
     Example:
 
         cllm export smollm2-135m --to gguf --gguf-type Q8_0
 
         cllm export model.gguf --to safetensors --single-file -o model.safetensors
+
+        cllm export smollm2-135m --to onnx --quant int4 --block-size 32
     """
     _export(
-        checkpoint, to.value, gguf_type.upper(), single_file, dtype, output, force, dry_run, as_json
-    )
+        checkpoint, to.value, gguf_type.upper(), single_file, dtype, quant.value, block_size,
+        output, force, dry_run, as_json,
+    )  # fmt: skip
 
 
 @handle_errors("export")
@@ -69,21 +90,34 @@ def _export(
     gguf_type: str,
     single_file: bool,
     dtype: str | None,
+    quant: str,
+    block_size: int,
     output: Path | None,
     force: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     from cllm.cli.resolve import open_spec
-    from cllm.core.export import ExportConfig, GGUFExportConfig, SafetensorsExportConfig, export
-    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.core.export import (
+        ExportConfig,
+        GGUFExportConfig,
+        OnnxExportConfig,
+        SafetensorsExportConfig,
+        export,
+    )
     from cllm.formats.provenance import make_provenance, provenance_id
 
     cfg: ExportConfig
+    if to != "onnx" and (quant != "none" or block_size != 32):
+        raise UsageError("--quant and --block-size apply to --to onnx only")
     if to == "gguf":
         if single_file or dtype:
-            raise UsageError("--single-file and --dtype apply to --to safetensors only")
+            raise UsageError("--single-file and --dtype apply to --to safetensors/onnx only")
         cfg = GGUFExportConfig(gguf_type=gguf_type)
+    elif to == "onnx":
+        if single_file:
+            raise UsageError("--single-file applies to --to safetensors only")
+        cfg = OnnxExportConfig(dtype=(dtype or "fp32").lower(), quant=quant, block_size=block_size)
     else:
         cfg = SafetensorsExportConfig(
             single_file=single_file, dtype=dtype.upper() if dtype else None
@@ -99,10 +133,7 @@ def _export(
         emit_plan(out, params, use_json(as_json))
         return
     if out.exists() and not force:
-        try:
-            existing = open_checkpoint(out).provenance or {}
-        except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
-            existing = {}
+        existing = _existing_provenance(out)
         if existing.get("id") == pid:
             log(f"{out} is up to date (same input and parameters); --force redoes it")
             emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
@@ -110,7 +141,7 @@ def _export(
         if output is None:
             warn(f"{out} exists with other provenance; overwriting")
     prov = make_provenance("export", params, ckpt.sha256, ckpt.provenance, str(ckpt.path))
-    n = len(ckpt.tensor_infos())
+    n = 1 if to == "onnx" else len(ckpt.tensor_infos())
     with progress(f"export to {to}", n) as advance:
         report = export(ckpt, cfg, out, prov, progress=lambda _name: advance())
     types = report.get("types") or {}
@@ -122,3 +153,16 @@ def _export(
             )
         log("tensor types: " + ", ".join(f"{k} {v}" for k, v in types.items()), level=1)
     emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
+
+
+def _existing_provenance(out: Path) -> dict:
+    """What made the file or folder already at `out` ({} when unreadable: not up to date)."""
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.onnx_io import is_onnx, read_side_file
+
+    if is_onnx(out):
+        return read_side_file(out).get("provenance") or {}
+    try:
+        return open_checkpoint(out).provenance or {}
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
+        return {}

@@ -56,7 +56,44 @@ class SafetensorsExportConfig:
             raise UsageError(f"--dtype {self.dtype} is not supported", "Choose F32, F16 or BF16")
 
 
-ExportConfig = GGUFExportConfig | SafetensorsExportConfig
+ONNX_DTYPES = ("fp32", "fp16")
+ONNX_QUANTS = ("none", "int8", "int4")
+ONNX_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    """A causal-LM decoder with KV cache for onnxruntime (CPU), optionally quantized."""
+
+    dtype: str = "fp32"  # fp32 | fp16: weights and activations of the float graph
+    quant: str = "none"  # none | int8 (onnxruntime dynamic quantization) | int4 (MatMulNBits)
+    block_size: int = 32  # int4: weights per scale along the input dimension
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"to": "onnx", **asdict(self)}
+
+    @property
+    def extension(self) -> str:
+        return ".onnx"  # a folder: model.onnx + external data + genai_config.json + tokenizer
+
+    def validate(self) -> None:
+        if self.dtype not in ONNX_DTYPES:
+            raise UsageError(f"--dtype {self.dtype} is not supported for ONNX", "Use fp32 or fp16")
+        if self.quant not in ONNX_QUANTS:
+            raise UsageError(f"--quant {self.quant} is not supported", "Use none, int8 or int4")
+        if self.quant != "none" and self.dtype != "fp32":
+            raise UsageError(
+                f"--quant {self.quant} works on the fp32 graph",
+                "Drop --dtype fp16 (quantized weights are dequantized to fp32 activations)",
+            )
+        if self.block_size not in ONNX_BLOCKS:
+            raise UsageError(
+                f"--block-size {self.block_size} is not supported",
+                "Use " + ", ".join(str(b) for b in ONNX_BLOCKS),
+            )
+
+
+ExportConfig = GGUFExportConfig | SafetensorsExportConfig | OnnxExportConfig
 Progress = Callable[[str], None]
 
 
@@ -88,9 +125,85 @@ def _export_safetensors(
     return {}
 
 
+def _plain_hf_folder(ckpt: Checkpoint) -> bool:
+    """A float HF folder other tools can load as it is (no packed or GGUF weights)."""
+    return (
+        getattr(ckpt, "folder", None) is not None
+        and ckpt.path.is_dir()
+        and "quantization_config" not in ckpt.config
+        and (ckpt.path / "tokenizer.json").is_file()
+    )
+
+
+def _export_onnx(
+    ckpt: Checkpoint,
+    cfg: OnnxExportConfig,
+    out: Path,
+    prov: dict[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """onnxruntime-genai's model builder on a float HF folder (written first when the input is
+    GGUF, single-file or packed), then onnxruntime's dynamic int8 quantizer for `int8`."""
+    import shutil
+    import tempfile
+
+    from cllm.formats.arch import spec_for_config
+    from cllm.formats.atomic import atomic_path
+    from cllm.formats.onnx_io import check_graph, run_builder, write_provenance
+    from cllm.formats.save import plan_tensors, save_hf_folder
+
+    spec_for_config(ckpt.config)  # architectures cllm cannot map fail here, with a clear line
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    try:
+        if _plain_hf_folder(ckpt):
+            hf = ckpt.path
+        else:
+            hf = work / "hf"
+            save_hf_folder(
+                hf, ckpt.config, plan_tensors(ckpt, "F32"), ckpt.tokenizer_dir(), prov,
+                ckpt.gguf_kv,
+            )  # fmt: skip
+        precision = {"none": cfg.dtype, "int8": "fp32", "int4": "int4"}[cfg.quant]
+        extra: dict[str, str] = {}
+        if cfg.quant == "int4":
+            extra = {"block_size": str(cfg.block_size), "is_symmetric": "true"}
+        with atomic_path(out) as tmp:
+            run_builder(hf, tmp, precision, extra, work / "cache", work / "builder.log")
+            if cfg.quant == "int8":
+                _quantize_dynamic_int8(tmp, work)
+            facts = {"export": cfg.to_dict(), "source_format": ckpt.format}
+            write_provenance(tmp, prov, facts)
+            check_graph(tmp)  # a graph that fails the checker never reaches `out`
+            if progress:
+                progress("model.onnx")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"files": sorted(p.name for p in out.iterdir())}
+
+
+def _quantize_dynamic_int8(folder: Path, work: Path) -> None:
+    """Every MatMul's weight to int8 (per channel), activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cllm.formats.onnx_io import MODEL_FILE
+
+    src = folder / MODEL_FILE
+    staged = work / "int8"
+    staged.mkdir()
+    quantize_dynamic(
+        src, staged / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True,
+        op_types_to_quantize=["MatMul"], use_external_data_format=True,
+    )  # fmt: skip
+    for old in (src, folder / (MODEL_FILE + ".data")):
+        old.unlink(missing_ok=True)
+    for f in staged.iterdir():
+        f.replace(folder / f.name)
+
+
 EXPORTERS: dict[type, Callable[..., dict[str, Any]]] = {
     GGUFExportConfig: _export_gguf,
     SafetensorsExportConfig: _export_safetensors,
+    OnnxExportConfig: _export_onnx,
 }
 
 

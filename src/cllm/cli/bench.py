@@ -1,0 +1,183 @@
+"""`cllm bench`: speed and memory of one or more models, each in its own child process."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import typer
+
+from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, log, out_console, use_json
+from cllm.errors import UsageError
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    llamacpp = "llama.cpp"
+    onnxruntime = "onnxruntime"
+    torch = "torch"
+
+
+def bench_cmd(
+    checkpoints: list[str] = typer.Argument(
+        ..., help="Models (paths, aliases, ONNX export folders); '-' reads one from stdin."
+    ),
+    backend: Backend = typer.Option(
+        Backend.auto,
+        "--backend",
+        "-b",
+        help="Runtime: auto (GGUF: llama.cpp, ONNX: onnxruntime, else torch), or force one.",
+    ),
+    threads: int = typer.Option(0, "--threads", "-t", help="Threads [default: min(cores, 8)]."),
+    prompt: int = typer.Option(128, "--prompt", help="Prompt tokens processed in one batch."),
+    gen: int = typer.Option(64, "--gen", help="Tokens generated one at a time (greedy)."),
+    repeat: int = typer.Option(5, "--repeat", help="Timed runs per model (median, min-max)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
+    csv: bool = typer.Option(
+        False, "--csv", help="Print CSV (one row per model) instead of a table."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Measure load time, prompt and generation speed, latency and peak memory.
+
+    Each model runs in its own child process (so its peak memory is its own), with
+    --warmup untimed runs, then --repeat timed ones. Several models give one table with
+    ratios against the first. Generation's achieved memory bandwidth (weight bytes read
+    per token x tokens/s) is shown against this machine's measured copy bandwidth.
+
+    Example:
+
+        cllm bench smollm2-135m m.Q4_0.gguf m.onnx
+
+        cllm bench m.gguf --backend llama.cpp --threads 4 --prompt 128 --gen 64 --repeat 5 --json
+    """
+    _bench(checkpoints, backend.value, threads, prompt, gen, repeat, warmup, csv, as_json)
+
+
+@handle_errors("bench")
+def _bench(
+    checkpoints: list[str],
+    backend: str,
+    threads: int,
+    prompt: int,
+    gen: int,
+    repeat: int,
+    warmup: int,
+    csv: bool,
+    as_json: bool,
+) -> None:
+    from pathlib import Path
+
+    from cllm.cli.resolve import read_spec
+    from cllm.core.bench import (
+        BenchConfig,
+        copy_bandwidth,
+        run_child,
+        runnable,
+        weight_bytes_per_token,
+    )
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.onnx_io import is_onnx
+
+    if csv and use_json(as_json):
+        raise UsageError("give --csv or --json, not both")
+    if checkpoints.count("-") > 1:
+        raise UsageError("only one checkpoint can come from stdin")
+    cfg = BenchConfig(backend, threads, prompt, gen, repeat, warmup)
+    cfg.validate()
+    jobs = []
+    for arg in checkpoints:  # resolve everything before the first (slow) run
+        spec = read_spec(arg)
+        ckpt = None if is_onnx(spec.path) else open_checkpoint(spec.text)
+        path = Path(spec.text) if ckpt is None else ckpt.path
+        chosen, target = runnable(path, ckpt, backend)
+        jobs.append((spec.text, chosen, target, ckpt))
+    bandwidth = copy_bandwidth()
+    records = []
+    for i, (name, chosen, target, ckpt) in enumerate(jobs):
+        log(f"[{i + 1}/{len(jobs)}] {name}: {chosen}, {cfg.prompt}+{cfg.gen} tokens x {cfg.repeat}")
+        rec = run_child(target, chosen, cfg)
+        rec["name"] = name
+        per_token = weight_bytes_per_token(target, chosen, ckpt)
+        achieved = per_token * rec["tg_tps"]["median"]
+        rec["bandwidth"] = {
+            "weight_bytes_per_token": per_token,
+            "achieved_bytes_per_s": achieved,
+            "machine_copy_bytes_per_s": bandwidth,
+            "fraction_of_copy": achieved / bandwidth if bandwidth else None,
+        }
+        records.append(rec)
+    base = records[0]
+    for rec in records:
+        rec["vs_first"] = {
+            k: rec[k]["median"] / base[k]["median"] for k in ("pp_tps", "tg_tps", "ttft_ms")
+        }
+        rec["vs_first"]["file_bytes"] = rec["file_bytes"] / base["file_bytes"]
+    if use_json(as_json):
+        for rec in records:
+            emit_json(rec)
+    elif csv:
+        _print_csv(records)
+    else:
+        _print_table(records)
+
+
+COLUMNS: list[tuple[str, Any]] = [
+    ("model", lambda r: r["name"]),
+    ("backend", lambda r: r["backend"]),
+    ("MB", lambda r: f"{r['file_bytes'] / 1e6:.1f}"),
+    ("load s", lambda r: f"{r['load_s']:.2f}"),
+    ("pp tok/s", lambda r: _mm(r["pp_tps"], "{:.0f}")),
+    ("tg tok/s", lambda r: _mm(r["tg_tps"], "{:.1f}")),
+    ("TTFT ms", lambda r: f"{r['ttft_ms']['median']:.0f}"),
+    ("p50/p90/p99 ms", lambda r: "/".join(f"{r['latency_ms'][q]:.1f}" for q in ("p50", "p90", "p99"))),
+    ("peak RSS MB", lambda r: f"{r['peak_rss_bytes'] / 1e6:.0f}"),
+    ("GB/s (of copy)", lambda r: f"{r['bandwidth']['achieved_bytes_per_s'] / 1e9:.1f} ({r['bandwidth']['fraction_of_copy'] * 100:.0f}%)"),
+    ("tg x first", lambda r: f"{r['vs_first']['tg_tps']:.2f}"),
+    ("threads", lambda r: str(r["threads"])),
+]  # fmt: skip
+
+
+def _mm(s: dict[str, float], fmt: str) -> str:
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    r0 = records[0]
+    table = Table(
+        title=f"prompt {r0['prompt']}, gen {r0['gen']}, {r0['repeat']} runs (median, min-max); "
+        f"{r0['device'].get('cpu', '?')}",
+        title_justify="left",
+    )
+    for name, _ in COLUMNS:
+        table.add_column(name, justify="left" if name in ("model", "backend") else "right")
+    for rec in records:
+        table.add_row(*(fn(rec) for _, fn in COLUMNS))
+    con = out_console()
+    if not con.is_terminal:  # a file or pipe: no wrapping into 80 columns
+        con.width = max(con.width, 240)
+    con.print(table)
+
+
+def _print_csv(records: list[dict[str, Any]]) -> None:
+    import csv as csvmod
+    import sys
+
+    fields = [
+        "name", "backend", "file_bytes", "threads", "prompt", "gen", "repeat", "load_s",
+        "pp_tps", "tg_tps", "ttft_ms", "p50_ms", "p90_ms", "p99_ms", "peak_rss_bytes",
+        "achieved_bytes_per_s", "machine_copy_bytes_per_s", "tg_vs_first",
+    ]  # fmt: skip
+    w = csvmod.writer(sys.stdout)
+    w.writerow(fields)
+    for r in records:
+        w.writerow([
+            r["name"], r["backend"], r["file_bytes"], r["threads"], r["prompt"], r["gen"],
+            r["repeat"], f"{r['load_s']:.4f}", f"{r['pp_tps']['median']:.3f}",
+            f"{r['tg_tps']['median']:.3f}", f"{r['ttft_ms']['median']:.3f}",
+            *(f"{r['latency_ms'][q]:.3f}" for q in ("p50", "p90", "p99")),
+            r["peak_rss_bytes"], f"{r['bandwidth']['achieved_bytes_per_s']:.0f}",
+            f"{r['bandwidth']['machine_copy_bytes_per_s']:.0f}", f"{r['vs_first']['tg_tps']:.4f}",
+        ])  # fmt: skip

@@ -1,0 +1,141 @@
+"""`cllm export --to onnx`: checked graphs, onnxruntime logits against torch, KV-cache
+generation against full recomputation, quantized variants, provenance and bad flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cllm.core.export import OnnxExportConfig, export
+from cllm.formats.checkpoint import open_checkpoint
+from cllm.formats.onnx_io import (
+    MODEL_FILE,
+    PROVENANCE_KEY,
+    check_graph,
+    open_decoder,
+    read_side_file,
+)
+from tests.conftest import quant_provenance, run_cli
+
+IDS = [256, 5, 77, 12, 200, 9, 31, 140, 63, 2, 99, 180, 17, 44, 250, 3]
+
+
+def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def torch_logits(tiny_model: Path) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx")
+    ckpt = open_checkpoint(tiny_model)
+    out = {}
+    for name, cfg in {
+        "fp32": OnnxExportConfig(),
+        "fp16": OnnxExportConfig(dtype="fp16"),
+        "int8": OnnxExportConfig(quant="int8"),
+        "int4": OnnxExportConfig(quant="int4", block_size=32),
+    }.items():
+        path = root / f"tiny.{name}.onnx"
+        export(ckpt, cfg, path, quant_provenance(cfg.to_dict()))
+        out[name] = path
+    return out
+
+
+def test_fp32_graph_checks_and_matches_torch(
+    exports: dict[str, Path], torch_logits: np.ndarray
+) -> None:
+    for path in exports.values():
+        check_graph(path)
+    got = open_decoder(exports["fp32"]).logits(np.asarray(IDS))[0]
+    assert got.shape == torch_logits.shape
+    scale = float(np.abs(torch_logits).max())
+    assert float(np.abs(got - torch_logits).max()) <= 1e-3 * scale
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4"])
+def test_kv_cache_generation_equals_full_recomputation(exports: dict[str, Path], name: str) -> None:
+    dec = open_decoder(exports[name])
+    with_cache = dec.greedy(IDS[:6], 12, use_cache=True)
+    assert with_cache == dec.greedy(IDS[:6], 12, use_cache=False)
+    # prefill in one call and token by token give the same last logits
+    one, _ = dec.run(np.asarray([IDS]), dec.empty_cache())
+    cache = dec.empty_cache()
+    for t in IDS:
+        step, cache = dec.run(np.asarray([[t]]), cache)
+    assert cache[dec.past_names[0]].shape[2] == len(IDS)
+    # int8 quantizes activations per call (one scale for the whole prefill, another for each
+    # single-token step) and int4 (accuracy level 4) quantizes them per block: close, not equal
+    tol = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.15, "int4": 0.05}[name]
+    assert np.abs(one[0, -1] - step[0, -1]).max() <= tol
+
+
+def test_quantized_exports_are_close_and_use_their_operators(
+    exports: dict[str, Path], torch_logits: np.ndarray
+) -> None:
+    import onnx
+
+    ops = {}
+    for name in ("fp16", "int8", "int4"):
+        model = onnx.load(str(exports[name] / MODEL_FILE), load_external_data=False)
+        ops[name] = {n.op_type for n in model.graph.node}
+        kld = _kld(torch_logits, open_decoder(exports[name]).logits(np.asarray(IDS))[0])
+        assert 0 <= kld < {"fp16": 1e-3, "int8": 0.05, "int4": 0.2}[name], (name, kld)
+    assert "MatMulNBits" in ops["int4"]
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} & ops["int8"]
+    sizes = {
+        n: sum(f.stat().st_size for f in exports[n].iterdir()) for n in ("fp32", "int8", "int4")
+    }
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_provenance_in_graph_and_side_file(exports: dict[str, Path]) -> None:
+    import onnx
+
+    model = onnx.load(str(exports["int4"] / MODEL_FILE), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    prov = json.loads(props[PROVENANCE_KEY])
+    assert prov["params"] == {"to": "onnx", "dtype": "fp32", "quant": "int4", "block_size": 32}
+    assert read_side_file(exports["int4"])["provenance"] == prov
+    assert (exports["int4"] / "genai_config.json").is_file()
+    assert (exports["int4"] / "tokenizer.json").is_file()
+
+
+def test_cli_export_onnx_pipes_path_and_reuses_up_to_date(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    first = run_cli("export", str(tiny_model), "--to", "onnx", "-o", str(out), check=True)
+    assert first.stdout.strip() == str(out)
+    assert (out / MODEL_FILE).is_file() and not list(tmp_path.glob(".*"))
+    again = run_cli("export", str(tiny_model), "--to", "onnx", "-o", str(out), check=True)
+    assert "up to date" in again.stderr and again.stdout.strip() == str(out)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--to", "onnx", "--quant", "int8", "--dtype", "fp16"], "works on the fp32 graph"),
+        (["--to", "onnx", "--quant", "int4", "--block-size", "48"], "--block-size 48"),
+        (["--to", "onnx", "--dtype", "bf16"], "--dtype bf16"),
+        (["--to", "gguf", "--quant", "int4"], "apply to --to onnx only"),
+    ],
+)
+def test_bad_onnx_flags(tiny_model: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    p = run_cli("export", str(tiny_model), *args, "-o", str(tmp_path / "x.onnx"))
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("cllm export: error:") and needle in last
+    assert p.stdout == "" and list(tmp_path.iterdir()) == []
