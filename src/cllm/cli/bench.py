@@ -36,6 +36,16 @@ def bench_cmd(
     csv: bool = typer.Option(
         False, "--csv", help="Print CSV (one row per model) instead of a table."
     ),
+    remote: str = typer.Option(
+        None, "--remote", help="Run on user@host[:port] over ssh (copies the model there)."
+    ),
+    remote_python: str = typer.Option(
+        "python3", "--remote-python", help="--remote: the Python that has the runtime there."
+    ),
+    ssh_option: list[str] = typer.Option(
+        [], "--ssh-option", help="--remote: extra ssh/scp -o KEY=VALUE (repeatable)."
+    ),
+    identity: str = typer.Option(None, "--identity", "-i", help="--remote: ssh private key."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Measure load time, prompt and generation speed, latency and peak memory.
@@ -50,8 +60,13 @@ def bench_cmd(
         cllm bench smollm2-135m m.Q4_0.gguf m.onnx
 
         cllm bench m.gguf --backend llama.cpp --threads 4 --prompt 128 --gen 64 --repeat 5 --json
+
+        cllm bench m.gguf --remote pi@raspberrypi.local
     """
-    _bench(checkpoints, backend.value, threads, prompt, gen, repeat, warmup, csv, as_json)
+    _bench(
+        checkpoints, backend.value, threads, prompt, gen, repeat, warmup, csv, remote,
+        remote_python, ssh_option, identity, as_json,
+    )  # fmt: skip
 
 
 @handle_errors("bench")
@@ -64,18 +79,16 @@ def _bench(
     repeat: int,
     warmup: int,
     csv: bool,
+    remote: str | None,
+    remote_python: str,
+    ssh_option: list[str],
+    identity: str | None,
     as_json: bool,
 ) -> None:
     from pathlib import Path
 
     from cllm.cli.resolve import read_spec
-    from cllm.core.bench import (
-        BenchConfig,
-        copy_bandwidth,
-        run_child,
-        runnable,
-        weight_bytes_per_token,
-    )
+    from cllm.core.bench import BenchConfig, run_child, runnable, weight_bytes_per_token
     from cllm.formats.checkpoint import open_checkpoint
     from cllm.formats.onnx_io import is_onnx
 
@@ -85,6 +98,14 @@ def _bench(
         raise UsageError("only one checkpoint can come from stdin")
     cfg = BenchConfig(backend, threads, prompt, gen, repeat, warmup)
     cfg.validate()
+    host = None
+    if remote:
+        from cllm.core.remote import Remote
+
+        host = Remote.parse(remote, python=remote_python, options=tuple(ssh_option),
+                            identity=identity)  # fmt: skip
+    elif ssh_option or identity or remote_python != "python3":
+        raise UsageError("--remote-python, --ssh-option and --identity apply to --remote only")
     jobs = []
     for arg in checkpoints:  # resolve everything before the first (slow) run
         spec = read_spec(arg)
@@ -92,14 +113,20 @@ def _bench(
         path = Path(spec.text) if ckpt is None else ckpt.path
         chosen, target = runnable(path, ckpt, backend)
         jobs.append((spec.text, chosen, target, ckpt))
-    bandwidth = copy_bandwidth()
     records = []
     for i, (name, chosen, target, ckpt) in enumerate(jobs):
-        log(f"[{i + 1}/{len(jobs)}] {name}: {chosen}, {cfg.prompt}+{cfg.gen} tokens x {cfg.repeat}")
-        rec = run_child(target, chosen, cfg)
+        where = f" on {host.dest}" if host else ""
+        log(f"[{i + 1}/{len(jobs)}] {name}: {chosen}{where}, {cfg.prompt}+{cfg.gen} x {cfg.repeat}")
+        if host:
+            from cllm.core.remote import run_remote
+
+            rec = run_remote(host, Path(target), chosen, cfg)
+        else:
+            rec = run_child(target, chosen, cfg)
         rec["name"] = name
         per_token = weight_bytes_per_token(target, chosen, ckpt)
         achieved = per_token * rec["tg_tps"]["median"]
+        bandwidth = rec["device"].get("copy_bytes_per_s") or 0.0
         rec["bandwidth"] = {
             "weight_bytes_per_token": per_token,
             "achieved_bytes_per_s": achieved,

@@ -28,6 +28,7 @@ class Target(str, Enum):
     gguf = "gguf"
     safetensors = "safetensors"
     onnx = "onnx"
+    bundle = "bundle"
 
 
 class OnnxQuant(str, Enum):
@@ -58,6 +59,11 @@ def export_cmd(
     block_size: int = typer.Option(
         32, "--block-size", help="onnx --quant int4: weights per scale (16, 32, 64, 128, 256)."
     ),
+    target: str = typer.Option(
+        None,
+        "--target",
+        help="bundle: rpi5, jetson-orin, generic-arm64 or x86 (GGUF + llama.cpp; Jetson: ONNX).",
+    ),
     output: Path = output_option("<stem>.export-<hash>.<ext>"),
     force: bool = FORCE_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
@@ -76,10 +82,12 @@ def export_cmd(
         cllm export model.gguf --to safetensors --single-file -o model.safetensors
 
         cllm export smollm2-135m --to onnx --quant int4 --block-size 32
+
+        cllm export m.gguf --to bundle --target rpi5
     """
     _export(
         checkpoint, to.value, gguf_type.upper(), single_file, dtype, quant.value, block_size,
-        output, force, dry_run, as_json,
+        target, output, force, dry_run, as_json,
     )  # fmt: skip
 
 
@@ -92,6 +100,7 @@ def _export(
     dtype: str | None,
     quant: str,
     block_size: int,
+    target: str | None,
     output: Path | None,
     force: bool,
     dry_run: bool,
@@ -108,6 +117,15 @@ def _export(
     from cllm.formats.provenance import make_provenance, provenance_id
 
     cfg: ExportConfig
+    if to == "bundle":
+        if single_file or dtype or quant != "none" or block_size != 32:
+            raise UsageError(
+                "--single-file, --dtype, --quant and --block-size do not apply to bundles"
+            )
+        _bundle(checkpoint, target, gguf_type, output, force, dry_run, as_json)
+        return
+    if target is not None:
+        raise UsageError("--target applies to --to bundle only")
     if to != "onnx" and (quant != "none" or block_size != 32):
         raise UsageError("--quant and --block-size apply to --to onnx only")
     if to == "gguf":
@@ -166,3 +184,60 @@ def _existing_provenance(out: Path) -> dict:
         return open_checkpoint(out).provenance or {}
     except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
         return {}
+
+
+def _bundle(
+    checkpoint: str,
+    target: str | None,
+    gguf_type: str,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    from cllm.cli.resolve import read_spec
+    from cllm.core.bundle import BundleExportConfig, check_expressible, write_bundle
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.hashing import files_sha256
+    from cllm.formats.onnx_io import is_onnx, read_side_file
+    from cllm.formats.provenance import make_provenance, provenance_id
+
+    if target is None:
+        raise UsageError("--to bundle needs --target", "e.g. --target rpi5")
+    cfg = BundleExportConfig(target=target, gguf_type=gguf_type)
+    cfg.validate()
+    spec = read_spec(checkpoint)
+    if is_onnx(spec.path):
+        ckpt = None
+        files = sorted(p for p in spec.path.rglob("*") if p.is_file())
+        parent_sha, parent_prov = files_sha256(files), read_side_file(spec.path).get("provenance")
+        source = spec.path
+    else:
+        ckpt = open_checkpoint(spec.text)
+        parent_sha, parent_prov, source = ckpt.sha256, ckpt.provenance, ckpt.path
+    check_expressible(ckpt, cfg)  # before any work
+    params = cfg.to_dict()
+    pid = provenance_id(parent_sha, "export", params)
+    out = output or default_output(
+        spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension
+    )
+    if dry_run:
+        emit_plan(out, params, use_json(as_json))
+        return
+    manifest = out / "manifest.json"
+    if manifest.is_file() and not force:
+        import json
+
+        try:
+            existing = json.loads(manifest.read_text()).get("provenance") or {}
+        except ValueError:
+            existing = {}
+        if existing.get("id") == pid:
+            log(f"{out} is up to date (same input and parameters); --force redoes it")
+            emit_artifact(out, "bundle", "export", params, parent_sha, use_json(as_json))
+            return
+    prov = make_provenance("export", params, parent_sha, parent_prov, str(source))
+    with progress(f"bundle for {target}", None):
+        report = write_bundle(ckpt, Path(source), cfg, out, prov)
+    log(f"bundle: {report['model']} for {report['runtime']} on {target}; run it with sh run.sh")
+    emit_artifact(out, "bundle", "export", params, parent_sha, use_json(as_json))

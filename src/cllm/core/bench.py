@@ -2,8 +2,9 @@
 
 The measuring code is `cllm.standalone.runner` (the same file edge bundles ship), run as a
 child so that each model's peak memory is its own and no runtime state leaks between runs.
-This module adds what needs cllm: resolving checkpoints to something a runtime loads, the
-weight bytes a generated token reads, and the machine's copy bandwidth to compare with.
+This module adds what needs cllm: resolving checkpoints to something a runtime loads and
+the weight bytes a generated token reads (the runner measures the machine's copy bandwidth
+itself, so a remote board reports its own).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -127,18 +127,3 @@ def _initializer_bytes(t: Any) -> int:
         if entry.key == "length":
             return int(entry.value)
     return len(t.raw_data) if t.raw_data else 0
-
-
-def copy_bandwidth(size: int = 256 << 20, runs: int = 5) -> float:
-    """The machine's memory copy bandwidth in bytes/s (read + write counted, as STREAM's
-    Copy does), best of `runs` numpy copies of `size` bytes."""
-    import numpy as np
-
-    src = np.ones(size // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best

@@ -1,7 +1,7 @@
 """`cllm export` as a function: one checkpoint in, one file or folder out.
 
-Targets registered so far: `gguf` (cllm's own writer, numpy quantizers) and
-`safetensors` (HF folder or single file). A target is a config dataclass plus a
+Targets: `gguf` (cllm's own writer), `safetensors` (HF folder or single file), `onnx`
+(onnxruntime-genai's model builder); edge bundles (`cllm.core.bundle`) build on these. A target is a config dataclass plus a
 handler in `EXPORTERS`; later targets (onnx, bundles) register the same way.
 """
 

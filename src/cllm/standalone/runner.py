@@ -80,7 +80,9 @@ class OnnxDecoder:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, threads: int = 0, providers: list[str] | None = None
+    ) -> None:
         import onnxruntime as ort
 
         self.version = ort.__version__
@@ -92,7 +94,10 @@ class OnnxDecoder:
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         model = p / MODEL_FILE if p.is_dir() else p
-        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        available = set(ort.get_available_providers())
+        wanted = [p for p in (providers or []) if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model), opts, providers=wanted)
+        self.providers = self.session.get_providers()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted(
             (n for n in self.inputs if n.startswith("past_key_values.")), key=_layer_key
@@ -231,11 +236,13 @@ def detect_backend(path: str) -> str:
     return "torch"
 
 
-def load(path: str, backend: str, threads: int, ctx: int, batch: int) -> Any:
+def load(
+    path: str, backend: str, threads: int, ctx: int, batch: int, providers: list[str] | None = None
+) -> Any:
     if backend == "llama.cpp":
         return LlamaCppModel(path, threads, ctx, batch)
     if backend == "onnxruntime":
-        return OnnxDecoder(path, threads)
+        return OnnxDecoder(path, threads, providers)
     if backend == "torch":
         return TorchModel(path, threads)
     raise ValueError(f"unknown backend {backend!r}: use llama.cpp, onnxruntime or torch")
@@ -299,6 +306,19 @@ def _run(cmd: list[str]) -> str | None:
     return text if out.returncode == 0 and text else None
 
 
+def copy_bandwidth(size: int = 256 << 20, runs: int = 5) -> float:
+    """Memory copy bandwidth in bytes/s (read + write counted, as STREAM's Copy does), best
+    of `runs` numpy copies of `size` bytes: the ceiling generation's weight reads approach."""
+    src = np.ones(size // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
 def device_facts() -> dict[str, Any]:
     """What the numbers depend on: CPU, cores, memory, OS; board state where a tool tells it."""
     facts: dict[str, Any] = {
@@ -348,10 +368,11 @@ def bench(
     repeat: int,
     warmup: int,
     on_progress: Callable[[str], None] | None = None,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
     threads = threads or min(os.cpu_count() or 1, 8)
     t0 = time.perf_counter()
-    model = load(path, backend, threads, ctx=prompt + gen + 16, batch=max(prompt, 32))
+    model = load(path, backend, threads, prompt + gen + 16, max(prompt, 32), providers)
     load_s = time.perf_counter() - t0
     runs = []
     for i in range(warmup + repeat):
@@ -361,6 +382,8 @@ def bench(
         if on_progress:
             on_progress(f"run {i + 1}/{warmup + repeat}")
     runtime = {"name": model.runtime, "version": model.version}
+    if hasattr(model, "providers"):
+        runtime["providers"] = model.providers
     model.close()
     steps = [s for r in runs for s in r["step_s"]]
     return {
@@ -382,7 +405,7 @@ def bench(
         },  # fmt: skip
         "peak_rss_bytes": peak_rss(),
         "runtime": runtime,
-        "device": device_facts(),
+        "device": {**device_facts(), "copy_bytes_per_s": copy_bandwidth()},
     }
 
 
@@ -395,11 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--providers", default="", help="onnxruntime providers to try in order (comma-separated)"
+    )
     args = ap.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
     backend = detect_backend(args.model) if args.backend == "auto" else args.backend
     try:
         record = bench(args.model, backend, args.threads, args.prompt, args.gen, args.repeat,
-                       args.warmup, on_progress=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+                       args.warmup, lambda s: print(s, file=sys.stderr, flush=True), providers)  # fmt: skip
     except ImportError as exc:
         print(f"bench: error: the {backend} runtime is not installed ({exc})", file=sys.stderr)
         return 4
