@@ -139,3 +139,70 @@ def test_bad_onnx_flags(tiny_model: Path, tmp_path: Path, args: list[str], needl
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("cllm export: error:") and needle in last
     assert p.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def _decode_matmulnbits(model_dir: Path, node_name: str) -> np.ndarray:
+    """Dequantized [N, K] weight of one MatMulNBits node, from the graph's own initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_dir / MODEL_FILE))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    b = inits[node.input[1]].reshape(n, -1, block // 2)
+    q = np.empty((n, b.shape[1], block), dtype=np.float32)
+    q[..., 0::2], q[..., 1::2] = b & 0x0F, b >> 4
+    scales = inits[node.input[2]].reshape(n, -1, 1).astype(np.float32)
+    zero = np.float32(8)
+    if len(node.input) > 3 and node.input[3]:
+        zp = inits[node.input[3]].reshape(n, -1)
+        zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, : b.shape[1], None]
+    return (scales * (q - zero)).reshape(n, -1)[:, :k]
+
+
+@pytest.mark.parametrize("sym", ["--sym", "--asym"])
+def test_int4_export_keeps_cllm_integers_exactly(
+    tiny_model: Path, tmp_path: Path, sym: str
+) -> None:
+    q = tmp_path / "q4"
+    run_cli(
+        "quantize",
+        str(tiny_model),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        sym,
+        "-o",
+        str(q),
+        check=True,
+    )
+    out = tmp_path / "q4.onnx"
+    # a different --block-size yields to the checkpoint's group size (its integers are kept)
+    run_cli("export", str(q), "--to", "onnx", "--quant", "int4", "--block-size", "64",
+            "-o", str(out), check=True)  # fmt: skip
+    facts = read_side_file(out)
+    assert facts["exact_int4_tensors"] == 14 and facts["block_size_used"] == 32
+    ckpt = open_checkpoint(q)
+    for layer in (0, 1):
+        qkv = _decode_matmulnbits(out, f"/model/layers.{layer}/attn/qkv_proj/MatMul_Q4")
+        want = torch.cat([ckpt.get(f"model.layers.{layer}.self_attn.{p}_proj.weight")
+                          for p in "qkv"]).numpy()  # fmt: skip
+        assert np.array_equal(qkv, want)
+        down = _decode_matmulnbits(out, f"/model/layers.{layer}/mlp/down_proj/MatMul_Q4")
+        assert np.array_equal(down, ckpt.get(f"model.layers.{layer}.mlp.down_proj.weight").numpy())
+    check_graph(out)
+    dec = open_decoder(out)
+    assert dec.greedy(IDS[:5], 6) == dec.greedy(IDS[:5], 6, use_cache=False)
+
+
+def test_int4_export_refuses_integers_it_cannot_hold(tiny_model: Path, tmp_path: Path) -> None:
+    q = tmp_path / "q3"
+    run_cli(
+        "quantize", str(tiny_model), "--bits", "3", "--group-size", "32", "-o", str(q), check=True
+    )
+    p = run_cli("export", str(q), "--to", "onnx", "--quant", "int4", "-o", str(tmp_path / "x.onnx"))
+    assert p.returncode == 2 and "3-bit weights" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.onnx").exists()

@@ -147,9 +147,10 @@ def _export_onnx(
     import shutil
     import tempfile
 
+    from cllm.core.onnx_int4 import check_int4_source, packed_scheme, write_exact_int4
     from cllm.formats.arch import spec_for_config
     from cllm.formats.atomic import atomic_path
-    from cllm.formats.onnx_io import check_graph, run_builder, write_provenance
+    from cllm.formats.onnx_io import MODEL_FILE, check_graph, run_builder, write_provenance
     from cllm.formats.save import plan_tensors, save_hf_folder
 
     spec_for_config(ckpt.config)  # architectures cllm cannot map fail here, with a clear line
@@ -165,20 +166,29 @@ def _export_onnx(
             )  # fmt: skip
         precision = {"none": cfg.dtype, "int8": "fp32", "int4": "int4"}[cfg.quant]
         extra: dict[str, str] = {}
+        scheme = packed_scheme(ckpt) if cfg.quant == "int4" else None
         if cfg.quant == "int4":
-            extra = {"block_size": str(cfg.block_size), "is_symmetric": "true"}
+            block = check_int4_source(ckpt, cfg.block_size)  # a packed source keeps its groups
+            symmetric = scheme[2] if scheme else True
+            extra = {"block_size": str(block), "is_symmetric": str(symmetric).lower()}
         with atomic_path(out) as tmp:
             run_builder(hf, tmp, precision, extra, work / "cache", work / "builder.log")
             if cfg.quant == "int8":
                 _quantize_dynamic_int8(tmp, work)
-            facts = {"export": cfg.to_dict(), "source_format": ckpt.format}
+            facts: dict[str, Any] = {"export": cfg.to_dict(), "source_format": ckpt.format}
+            if scheme is not None:  # the checkpoint's own integers, not a re-quantization
+                facts["exact_int4_tensors"] = write_exact_int4(tmp / MODEL_FILE, ckpt)
+                facts["block_size_used"] = int(extra["block_size"])
             write_provenance(tmp, prov, facts)
             check_graph(tmp)  # a graph that fails the checker never reaches `out`
             if progress:
                 progress("model.onnx")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"files": sorted(p.name for p in out.iterdir())}
+    return {
+        "files": sorted(p.name for p in out.iterdir()),
+        **{k: v for k, v in facts.items() if k != "export"},
+    }
 
 
 def _quantize_dynamic_int8(folder: Path, work: Path) -> None:

@@ -290,6 +290,17 @@ def dequantize_linear(tensors: Mapping[str, torch.Tensor], bits: int) -> torch.T
     `tensors` maps the local names (`weight_packed`, `weight_scale`, `weight_shape` and,
     if asymmetric, `weight_zero_point`) to the checkpoint's tensors.
     """
+    codes, scale, zero, group = unpack_linear(tensors, bits)
+    s = scale.float().repeat_interleave(group, dim=1)
+    z = zero.repeat_interleave(group, dim=1)
+    return s * (codes.float() - z)
+
+
+def unpack_linear(
+    tensors: Mapping[str, torch.Tensor], bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One packed Linear as stored: (codes [out, in] unsigned, scale [out, groups],
+    zero [out, groups] float, columns per group); weight = scale * (code - zero)."""
     import torch
 
     try:
@@ -316,9 +327,7 @@ def dequantize_linear(tensors: Mapping[str, torch.Tensor], bits: int) -> torch.T
                 f"weight_zero_point has shape {tuple(zp.shape)}, not packed [words, {scale.shape[1]}]"
             )
         zero = unpack_weight(zp.t().contiguous(), bits, out_f).t().float()
-    s = scale.float().repeat_interleave(group, dim=1)
-    z = zero.repeat_interleave(group, dim=1)
-    return s * (codes.float() - z)
+    return codes, scale, zero, group
 
 
 def dequantize_checkpoint_linear(
@@ -329,11 +338,24 @@ def dequantize_checkpoint_linear(
     `names` (the checkpoint's tensor names) tells whether a zero point is stored; without
     it the spec's `symmetric` decides.
     """
+    return dequantize_linear(_linear_parts(get, prefix, spec, names), spec.bits)
+
+
+def read_checkpoint_linear(
+    get: Any, prefix: str, spec: PackedSpec, names: set[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One packed Linear's codes, scales, zeros and group size, as `unpack_linear` gives them."""
+    return unpack_linear(_linear_parts(get, prefix, spec, names), spec.bits)
+
+
+def _linear_parts(
+    get: Any, prefix: str, spec: PackedSpec, names: set[str] | None
+) -> dict[str, torch.Tensor]:
     local = ["weight_packed", "weight_scale", "weight_shape"]
     has_zp = (f"{prefix}.weight_zero_point" in names) if names is not None else not spec.symmetric
     if has_zp:
         local.append("weight_zero_point")
-    return dequantize_linear({k: get(f"{prefix}.{k}") for k in local}, spec.bits)
+    return {k: get(f"{prefix}.{k}") for k in local}
 
 
 def planned_shapes(

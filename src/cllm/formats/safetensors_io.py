@@ -245,6 +245,19 @@ class SafetensorsCheckpoint(Checkpoint):
             return dequantize_checkpoint_linear(self._raw_get, prefix, spec, names)
         return self._raw_get(name)
 
+    def packed_linear(
+        self, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """The stored integers of a packed Linear's `.weight` (codes, scale, zero, group size),
+        for writers that keep them exactly; None for a tensor stored as floats."""
+        packed = self._packed.get(name)
+        if packed is None:
+            return None
+        from cllm.formats.compressed_tensors import read_checkpoint_linear
+
+        prefix, spec, names = packed
+        return read_checkpoint_linear(self._raw_get, prefix, spec, names)
+
     def _raw_get(self, name: str) -> torch.Tensor:
         """Read one tensor's bytes with a plain read, not a memory map.
 
