@@ -3,7 +3,9 @@
 Converts the embedded SmolLM2-135M, exports Q8_0 and Q4_0 GGUFs, quantizes it with
 llama.cpp's Q4_K_M recipe and with GPTQ onto the Q4_0 and Q5_0 grids, evaluates the base
 (torch) and every GGUF (llama.cpp) with KL divergence against the base, then prints one
-size / perplexity / KLD table. DEMO_CHUNKS sets how many 512-token chunks are scored.
+size / perplexity / KLD table. Then it exports an int4 ONNX decoder and ends with one
+`cllm bench` speed table of the base against the compressed outputs. DEMO_CHUNKS sets how
+many 512-token chunks are scored.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ def main() -> None:
     base_info = json.loads(cllm("info", "smollm2-135m", "--no-sparsity", "--json"))
     rows.append(("base (fp32 safetensors)", "torch", base_info, base))
 
+    paths: dict[str, str] = {}
+
     def add(label: str, command: list[str]) -> None:
         """Write one GGUF with `command`, then inspect and evaluate it against the base."""
         path = cllm(*command).strip()
+        paths[label] = path
         info = json.loads(cllm("info", path, "--no-sparsity", "--json"))
         res = json.loads(
             cllm(
@@ -128,6 +133,14 @@ def main() -> None:
             f"{k['top1_agreement'] * 100:.1f}%" if k else "-",
         )
     Console(width=max(Console().width, 110)).print(table)
+
+    onnx = cllm("export", "smollm2-135m", "--to", "onnx", "--quant", "int4",
+                "-o", str(OUT / "smollm2-135m.int4.onnx")).strip()  # fmt: skip
+    speed = [
+        "smollm2-135m", paths["Q8_0 GGUF (export)"], paths["Q4_0 GGUF (GPTQ)"],
+        paths["Q5_0 GGUF (GPTQ)"], onnx,
+    ]  # fmt: skip
+    print(cllm("bench", *speed, "--prompt", "64", "--gen", "32", "--repeat", "3"), end="")
 
 
 if __name__ == "__main__":
