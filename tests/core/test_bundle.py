@@ -17,6 +17,10 @@ from tests.conftest import run_cli
 QUICK = ["--prompt", "8", "--gen", "4", "--repeat", "1", "--warmup", "0"]
 
 
+def _bundle(model: Path, target: str, out: Path) -> None:
+    run_cli("export", str(model), "--to", "bundle", "--target", target, "-o", str(out), check=True)
+
+
 def _run_bundle(bundle: Path, tmp_path: Path) -> dict:
     """Copy the bundle to a fresh folder (as a board would receive it) and run run.sh there."""
     fresh = tmp_path / "board" / "unpacked"
@@ -64,17 +68,7 @@ def test_gguf_input_is_bundled_byte_for_byte(tiny_model: Path, tmp_path: Path) -
 
 def test_jetson_bundle_is_onnx_and_falls_back_to_cpu(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "jetson.bundle"
-    run_cli(
-        "export",
-        str(tiny_model),
-        "--to",
-        "bundle",
-        "--target",
-        "jetson-orin",
-        "-o",
-        str(out),
-        check=True,
-    )
+    _bundle(tiny_model, "jetson-orin", out)
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["format"] == "onnx" and (out / "model.onnx" / "model.onnx").is_file()
     assert m["runtime"]["providers"][:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
@@ -111,3 +105,13 @@ def test_quantized_gguf_cannot_go_to_an_onnx_board(tiny_model: Path, tmp_path: P
     last = p.stderr.strip().splitlines()[-1]
     assert "cannot hold this model's Q8_0 weights" in last and "llama.cpp target" in last
     assert not out.exists() and sorted(f.name for f in tmp_path.iterdir()) == ["q.gguf"]
+
+
+def test_info_shows_a_bundle(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "g.bundle"
+    _bundle(tiny_model, "generic-arm64", out)
+    rep = json.loads(run_cli("info", str(out), "--json", check=True).stdout)
+    assert rep["format"] == "bundle" and rep["target"] == "generic-arm64"
+    assert rep["runtime"] == "llama.cpp" and rep["provenance"][0]["op"] == "export"
+    text = run_cli("info", str(out), check=True).stdout
+    assert "generic-arm64" in text and "export" in text

@@ -206,3 +206,10 @@ def test_int4_export_refuses_integers_it_cannot_hold(tiny_model: Path, tmp_path:
     p = run_cli("export", str(q), "--to", "onnx", "--quant", "int4", "-o", str(tmp_path / "x.onnx"))
     assert p.returncode == 2 and "3-bit weights" in p.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_info_shows_an_onnx_export_and_its_chain(exports: dict[str, Path]) -> None:
+    rep = json.loads(run_cli("info", str(exports["int4"]), "--json", check=True).stdout)
+    assert rep["format"] == "onnx" and rep["operators"]["MatMulNBits"] >= 1
+    assert rep["provenance"][0]["op"] == "quantize"  # quant_provenance() names the op quantize
+    assert rep["file_bytes"] == sum(f.stat().st_size for f in exports["int4"].iterdir())

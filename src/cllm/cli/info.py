@@ -48,10 +48,17 @@ def info(
 
 @handle_errors("info")
 def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
-    from cllm.cli.resolve import open_spec
-    from cllm.core.info import inspect_checkpoint
+    from cllm.cli.resolve import read_spec
+    from cllm.core.info import inspect_checkpoint, inspect_folder_artifact
 
-    ckpt, _spec = open_spec(checkpoint)
+    spec = read_spec(checkpoint)
+    folder = inspect_folder_artifact(spec.path)  # an ONNX export or an edge bundle
+    if folder is not None:
+        _print_folder(folder, use_json(as_json))
+        return
+    from cllm.formats.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(spec.text)
     n = len(ckpt.tensor_infos())
     with progress("reading tensors", n if sparsity else 0) as advance:
         report = inspect_checkpoint(ckpt, sparsity=sparsity, on_tensor=lambda _n: advance())
@@ -106,3 +113,34 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
         con.print(prov)
     else:
         con.print("provenance: none recorded (not made by cllm)")
+
+
+def _print_folder(report: dict, as_json: bool) -> None:
+    """`cllm info` of an ONNX export or a bundle: what it holds and what made it."""
+    if as_json:
+        emit_json(report)
+        return
+    from rich.table import Table
+
+    con = out_console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
+    for key in ("path", "format", "target", "runtime", "file_bytes", "sha256"):
+        if report.get(key) is not None:
+            value = report[key]
+            head.add_row(
+                key.replace("_", " "), _human_bytes(value) if key == "file_bytes" else str(value)
+            )
+    for key in ("operators", "weight_types"):
+        if report.get(key):
+            head.add_row(
+                key.replace("_", " "), ", ".join(f"{k} {v}" for k, v in report[key].items())
+            )
+    con.print(head)
+    prov = report.get("provenance") or []
+    if not prov:
+        con.print("provenance: none recorded (not made by cllm)")
+    for i, p in enumerate(prov):
+        params = ", ".join(f"{k}={v}" for k, v in _flatten(p.get("params") or {}).items())
+        con.print(f"{i}  {p.get('op')}  {params}  parent {(p.get('parent_sha256') or '')[:12]}")

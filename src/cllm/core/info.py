@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cllm.formats.checkpoint import Checkpoint
@@ -91,3 +92,43 @@ def inspect_checkpoint(
             for p in chain(ckpt.provenance)
         ],
     )
+
+
+def inspect_folder_artifact(path: Path) -> dict[str, Any] | None:
+    """An ONNX export folder or an edge bundle (None for anything else): its files, graph
+    operators and weight types, and the provenance chain it recorded."""
+    import json
+    from collections import Counter
+
+    from cllm.formats.onnx_io import is_onnx, model_file, read_side_file
+
+    path = Path(path)
+    manifest = path / "manifest.json" if path.is_dir() else None
+    report: dict[str, Any] = {"path": str(path)}
+    if manifest is not None and manifest.is_file():
+        m = json.loads(manifest.read_text())
+        report.update(format="bundle", target=m.get("target"),
+                      runtime=(m.get("runtime") or {}).get("name"),
+                      sha256=(m.get("model") or {}).get("sha256"))  # fmt: skip
+        prov = m.get("provenance")
+    elif is_onnx(path):
+        import onnx
+
+        model = onnx.load(str(model_file(path)), load_external_data=False)
+        report["format"] = "onnx"
+        report["operators"] = dict(Counter(n.op_type for n in model.graph.node).most_common())
+        names = {int(v): k for k, v in onnx.TensorProto.DataType.items()}
+        report["weight_types"] = dict(
+            Counter(names.get(t.data_type, str(t.data_type)) for t in model.graph.initializer)
+        )
+        prov = read_side_file(path).get("provenance")
+    else:
+        return None
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    report["file_bytes"] = sum(f.stat().st_size for f in files)
+    report["provenance"] = [
+        {k: p.get(k) for k in ("op", "params", "created", "command")}
+        | {"parent_sha256": (p.get("parent") or {}).get("sha256"), "versions": p.get("versions")}
+        for p in chain(prov)
+    ]
+    return report
