@@ -213,3 +213,17 @@ def test_info_shows_an_onnx_export_and_its_chain(exports: dict[str, Path]) -> No
     assert rep["format"] == "onnx" and rep["operators"]["MatMulNBits"] >= 1
     assert rep["provenance"][0]["op"] == "quantize"  # quant_provenance() names the op quantize
     assert rep["file_bytes"] == sum(f.stat().st_size for f in exports["int4"].iterdir())
+
+
+def test_architecture_the_builder_cannot_take(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["architectures"] = ["OddForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("export", str(odd), "--to", "onnx", "-o", str(tmp_path / "o.onnx"))
+    assert p.returncode == 2, p.stderr
+    assert "OddForCausalLM cannot be exported to ONNX" in p.stderr.strip().splitlines()[-1]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["odd"]

@@ -148,12 +148,10 @@ def _export_onnx(
     import tempfile
 
     from cllm.core.onnx_int4 import check_int4_source, packed_scheme, write_exact_int4
-    from cllm.formats.arch import spec_for_config
     from cllm.formats.atomic import atomic_path
     from cllm.formats.onnx_io import MODEL_FILE, check_graph, run_builder, write_provenance
     from cllm.formats.save import plan_tensors, save_hf_folder
 
-    spec_for_config(ckpt.config)  # architectures cllm cannot map fail here, with a clear line
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
         if _plain_hf_folder(ckpt):

@@ -76,6 +76,14 @@ def run_builder(
             ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()
         ]
         last = lines[-1] if lines else f"exit code {proc.returncode}"
+        if "is not currently supported" in last:
+            arch = json.loads((Path(hf_dir) / "config.json").read_text()).get(
+                "architectures", ["?"]
+            )
+            raise UsageError(
+                f"architecture {arch[0]} cannot be exported to ONNX",
+                "onnxruntime-genai's model builder does not support it",
+            )
         if "No module named" in last and "onnxruntime_genai" in last:
             raise UsageError("ONNX export needs onnxruntime-genai", "pip install 'cllm[onnx]'")
         raise RuntimeFailure(f"ONNX model builder failed: {last}", f"full log: {log_file}")
