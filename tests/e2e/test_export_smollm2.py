@@ -70,7 +70,17 @@ def test_int4_onnx_is_close_and_generates_with_its_cache(
     dec = open_decoder(onnx_exports["int4"], threads=2)
     kld = _kld(reference, dec.logits(np.asarray(tokens))[0])
     assert 0 < kld < 0.5, kld  # RTN int4, block 32, int8 activations (accuracy level 4)
-    assert dec.greedy(tokens[:32], 16) == dec.greedy(tokens[:32], 16, use_cache=False)
+    # MatMulNBits quantizes activations per call, so one-token steps and a full pass round
+    # differently and a near-tie can flip a greedy token; the cache must still give the same
+    # distributions: 16 cached steps after a 32-token prefill against one pass over all 48
+    full = dec.logits(np.asarray(tokens[:48]))[0, 31:47]  # positions 31..46
+    step, cache = dec.run(np.asarray([tokens[:32]]), dec.empty_cache())
+    steps = [step[0, -1]]
+    for t in tokens[32:47]:
+        out, cache = dec.run(np.asarray([[t]]), cache)
+        steps.append(out[0, -1])
+    assert cache[dec.past_names[0]].shape[2] == 47
+    assert _kld(full, np.stack(steps)) < 0.02
 
 
 def test_bench_gguf_and_onnx_side_by_side(onnx_exports: dict[str, Path], tmp_path: Path) -> None:
