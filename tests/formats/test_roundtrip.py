@@ -215,3 +215,48 @@ def test_llama_cpp_loads_every_written_type(
     assert errors["F32"] < 1e-3 * max(1.0, float(np.abs(ref).max()))
     assert errors["Q8_0"] < errors["Q4_0"]
     assert errors["Q5_0"] < errors["Q4_0"]
+
+
+@pytest.mark.parametrize("how", ["depth", "width"])
+def test_pruned_shapes_export_to_gguf_that_llama_cpp_runs(tmp_path: Path, how: str) -> None:
+    """A model with a layer dropped (depth) or a narrower MLP in every layer (width, as
+    structured pruning leaves it): the GGUF follows the config and llama.cpp matches torch."""
+    from cllm.core.eval.backends import LlamaCppBackend, TorchBackend
+    from cllm.testing.tiny import save_tiny_llama
+
+    if how == "depth":
+        src = save_tiny_llama(tmp_path / "three", num_hidden_layers=3)
+        ckpt = open_checkpoint(src)
+        keep = {0: 0, 2: 1}  # drop the middle layer, renumber the last
+        tensors = {}
+        for name in ckpt.tensor_infos():
+            parts = name.split(".")
+            if name.startswith("model.layers."):
+                old = int(parts[2])
+                if old not in keep:
+                    continue
+                parts[2] = str(keep[old])
+            tensors[".".join(parts)] = ckpt.get(name)
+        pruned = tmp_path / "pruned"
+        pruned.mkdir()
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(pruned / "model.safetensors"))
+        cfg = dict(ckpt.config, num_hidden_layers=2)
+        (pruned / "config.json").write_text(json.dumps(cfg))
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                (pruned / f.name).write_bytes(f.read_bytes())
+    else:
+        pruned = save_tiny_llama(tmp_path / "narrow", intermediate_size=96)
+    model = open_checkpoint(pruned)
+    out = tmp_path / "p.gguf"
+    save_gguf(out, model, "F32", _prov())
+    ids = np.arange(10, 50) % 256
+    ref = TorchBackend(model).logits(ids)
+    backend = LlamaCppBackend(out, ctx=64, threads=2)
+    try:
+        got = backend.logits(ids)
+    finally:
+        backend.close()
+    assert float(np.abs(got - ref).max()) < 1e-3 * max(1.0, float(np.abs(ref).max()))
