@@ -227,3 +227,21 @@ def test_architecture_the_builder_cannot_take(tiny_model: Path, tmp_path: Path) 
     assert p.returncode == 2, p.stderr
     assert "OddForCausalLM cannot be exported to ONNX" in p.stderr.strip().splitlines()[-1]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["odd"]
+
+
+def test_eval_runs_onnx_exports_under_the_pinned_protocol(
+    exports: dict[str, Path], tiny_model: Path, tiny_text: Path
+) -> None:
+    def ev(name: str, *extra: str) -> dict:
+        p = run_cli("eval", str(exports[name]), "--text", str(tiny_text), "--chunks", "2",
+                    "--ctx", "128", "--kld-base", str(tiny_model), "--json", *extra, check=True)  # fmt: skip
+        return json.loads(p.stdout)
+
+    fp32, int4 = ev("fp32"), ev("int4")
+    assert fp32["backend"] == "onnxruntime"  # picked for an ONNX folder
+    assert fp32["kld"]["mean"] < 1e-5 and fp32["perplexity"] == pytest.approx(
+        fp32["base_perplexity"], rel=1e-4
+    )
+    assert int4["kld"]["mean"] > fp32["kld"]["mean"]
+    bad = run_cli("eval", str(exports["fp32"]), "-b", "llama.cpp", "--text", str(tiny_text))
+    assert bad.returncode == 2 and "onnxruntime backend" in bad.stderr.strip().splitlines()[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class BackendName(str, Enum):
     torch = "torch"
     llamacpp = "llama.cpp"
+    onnxruntime = "onnxruntime"
 
 
 def eval_cmd(
@@ -34,7 +35,7 @@ def eval_cmd(
         BackendName.torch,
         "--backend",
         "-b",
-        help="torch (dequantized weights) or llama.cpp (the GGUF's own kernels).",
+        help="torch (dequantized weights), llama.cpp (the GGUF's own kernels) or onnxruntime (ONNX exports; picked for them).",
     ),
     text: Path = typer.Option(
         None, "--text", help="Evaluation text [default: $CLLM_DATA_DIR/wikitext-2/wiki.test.raw]."
@@ -104,7 +105,19 @@ def _eval(
     from cllm.paths import default_eval_text
 
     text_path = text or default_eval_text()
-    model, _spec = open_spec(checkpoint)
+    from cllm.cli.resolve import read_spec
+    from cllm.formats.onnx_io import OnnxCheckpoint, is_onnx
+
+    spec = read_spec(checkpoint)
+    model: Any
+    if is_onnx(spec.path):  # torch cannot run a graph: an ONNX export goes to onnxruntime
+        model = OnnxCheckpoint(spec.path)
+        if backend == "torch":
+            backend = "onnxruntime"
+    else:
+        from cllm.formats.checkpoint import open_checkpoint
+
+        model = open_checkpoint(spec.text)
     base = open_spec(kld_base)[0] if kld_base else None
     cfg = EvalConfig(text=str(text_path), ctx=ctx, chunks=chunks, backend=backend, threads=threads)
     total = chunks

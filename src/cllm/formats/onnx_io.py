@@ -161,3 +161,33 @@ def open_decoder(path: Path, threads: int = 0) -> OnnxDecoder:
         raise UsageError("ONNX needs onnxruntime", "pip install 'cllm[onnx]'") from exc
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
         raise InputError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+
+
+class OnnxCheckpoint:
+    """An ONNX export seen where a checkpoint is expected for evaluation: its tokenizer, hash
+    and name (its weights are only reachable through onnxruntime)."""
+
+    format = "onnx"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        model_file(self.path)  # a folder without model.onnx is bad input
+
+    def tokenizer_dir(self) -> Path:
+        folder = self.path if self.path.is_dir() else self.path.parent
+        if not (folder / "tokenizer.json").is_file():
+            raise InputError(f"{self.path} has no tokenizer.json beside the graph")
+        return folder
+
+    @property
+    def display_name(self) -> str:
+        return str(self.path)
+
+    @property
+    def sha256(self) -> str:
+        from cllm.formats.hashing import files_sha256
+
+        files = (
+            [f for f in self.path.rglob("*") if f.is_file()] if self.path.is_dir() else [self.path]
+        )
+        return files_sha256(sorted(files))

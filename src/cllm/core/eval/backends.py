@@ -18,7 +18,7 @@ from cllm.core.native import quiet_stderr
 from cllm.errors import InputError, RuntimeFailure, UsageError
 from cllm.formats.checkpoint import Checkpoint
 
-BACKENDS = ("torch", "llama.cpp")
+BACKENDS = ("torch", "llama.cpp", "onnxruntime")
 
 
 class Backend(Protocol):
@@ -183,9 +183,33 @@ def gguf_for_llamacpp(ckpt: Checkpoint) -> Path:
     return target
 
 
+class OnnxBackend:
+    """An ONNX export run by onnxruntime: logits of a whole chunk in one pass, empty cache."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        from cllm.formats.onnx_io import open_decoder
+
+        self.decoder = open_decoder(path, threads or 0)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.decoder.logits(np.asarray(tokens, dtype=np.int64))[0]
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
 def make_backend(
     ckpt: Checkpoint, name: str, ctx: int, threads: int | None = None, allow_nonfinite: bool = False
 ) -> Backend:
+    if (getattr(ckpt, "format", "") == "onnx") != (name == "onnxruntime"):
+        raise UsageError(
+            "the onnxruntime backend runs ONNX exports, and only it does",
+            "Use --backend onnxruntime for an ONNX folder, torch or llama.cpp otherwise",
+        )
+    if name == "onnxruntime":
+        return OnnxBackend(ckpt.path, threads)
     if name == "torch":
         return TorchBackend(ckpt, threads, allow_nonfinite)
     if name == "llama.cpp":
