@@ -112,9 +112,9 @@ def emit_artifact(
     """stdout gets data only: the artifact's path, or one NDJSON record."""
     path = Path(path)
     if as_json:
-        from cllm.formats.hashing import file_sha256, files_sha256
+        from cllm.formats.hashing import artifact_files, file_sha256, files_sha256
 
-        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        files = artifact_files(path)
 
         record = {
             "path": str(path),

@@ -150,14 +150,8 @@ def _export(
     if dry_run:
         emit_plan(out, params, use_json(as_json))
         return
-    if out.exists() and not force:
-        existing = _existing_provenance(out)
-        if existing.get("id") == pid:
-            log(f"{out} is up to date (same input and parameters); --force redoes it")
-            emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
-            return
-        if output is None:
-            warn(f"{out} exists with other provenance; overwriting")
+    if _reused(out, pid, to, params, ckpt.sha256, force, output is None, as_json):
+        return
     prov = make_provenance("export", params, ckpt.sha256, ckpt.provenance, str(ckpt.path))
     n = 1 if to == "onnx" else len(ckpt.tensor_infos())
     with progress(f"export to {to}", n) as advance:
@@ -173,13 +167,44 @@ def _export(
     emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
 
 
+def _reused(
+    out: Path,
+    pid: str,
+    fmt: str,
+    params: dict,
+    parent: str,
+    force: bool,
+    named: bool,
+    as_json: bool,
+) -> bool:
+    """Make-friendly: an output already at `out` with the same provenance id is reported
+    again instead of rebuilt (True); one made otherwise is overwritten, with a warning
+    when cllm chose the name."""
+    if not out.exists() or force:
+        return False
+    if _existing_provenance(out).get("id") == pid:
+        log(f"{out} is up to date (same input and parameters); --force redoes it")
+        emit_artifact(out, fmt, "export", params, parent, use_json(as_json))
+        return True
+    if named:
+        warn(f"{out} exists with other provenance; overwriting")
+    return False
+
+
 def _existing_provenance(out: Path) -> dict:
     """What made the file or folder already at `out` ({} when unreadable: not up to date)."""
+    import json
+
     from cllm.formats.checkpoint import open_checkpoint
     from cllm.formats.onnx_io import is_onnx, read_side_file
 
     if is_onnx(out):
         return read_side_file(out).get("provenance") or {}
+    if (out / "manifest.json").is_file():  # an edge bundle
+        try:
+            return json.loads((out / "manifest.json").read_text()).get("provenance") or {}
+        except ValueError:
+            return {}
     try:
         return open_checkpoint(out).provenance or {}
     except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
@@ -198,7 +223,7 @@ def _bundle(
     from cllm.cli.resolve import read_spec
     from cllm.core.bundle import BundleExportConfig, check_expressible, write_bundle
     from cllm.formats.checkpoint import open_checkpoint
-    from cllm.formats.hashing import files_sha256
+    from cllm.formats.hashing import artifact_files, files_sha256
     from cllm.formats.onnx_io import is_onnx, read_side_file
     from cllm.formats.provenance import make_provenance, provenance_id
 
@@ -209,8 +234,8 @@ def _bundle(
     spec = read_spec(checkpoint)
     if is_onnx(spec.path):
         ckpt = None
-        files = sorted(p for p in spec.path.rglob("*") if p.is_file())
-        parent_sha, parent_prov = files_sha256(files), read_side_file(spec.path).get("provenance")
+        parent_sha = files_sha256(artifact_files(spec.path))
+        parent_prov = read_side_file(spec.path).get("provenance")
         source = spec.path
     else:
         ckpt = open_checkpoint(spec.text)
@@ -224,18 +249,8 @@ def _bundle(
     if dry_run:
         emit_plan(out, params, use_json(as_json))
         return
-    manifest = out / "manifest.json"
-    if manifest.is_file() and not force:
-        import json
-
-        try:
-            existing = json.loads(manifest.read_text()).get("provenance") or {}
-        except ValueError:
-            existing = {}
-        if existing.get("id") == pid:
-            log(f"{out} is up to date (same input and parameters); --force redoes it")
-            emit_artifact(out, "bundle", "export", params, parent_sha, use_json(as_json))
-            return
+    if _reused(out, pid, "bundle", params, parent_sha, force, output is None, as_json):
+        return
     prov = make_provenance("export", params, parent_sha, parent_prov, str(source))
     with progress(f"bundle for {target}", None):
         report = write_bundle(ckpt, Path(source), cfg, out, prov)

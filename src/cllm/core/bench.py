@@ -109,17 +109,10 @@ def weight_bytes_per_token(path: str, backend: str, ckpt: Checkpoint | None) -> 
         return sum(sizes.values())
     assert ckpt is not None
     infos = ckpt.tensor_infos()
-    total = sum(4 * _numel(i.shape) for i in infos.values())  # torch holds fp32
+    total = sum(4 * i.numel for i in infos.values())  # torch holds fp32
     if "lm_head.weight" in infos and "model.embed_tokens.weight" in infos:
-        total -= 4 * _numel(infos["model.embed_tokens.weight"].shape)
+        total -= 4 * infos["model.embed_tokens.weight"].numel
     return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _initializer_bytes(t: Any) -> int:

@@ -98,7 +98,7 @@ def write_bundle(
     """The bundle folder, written atomically: nothing at `out` unless every piece is there."""
     import cllm.standalone.runner as runner
     from cllm.formats.atomic import atomic_path
-    from cllm.formats.hashing import files_sha256
+    from cllm.formats.hashing import artifact_files, files_sha256
 
     board = TARGETS[cfg.target]
     check_expressible(ckpt, cfg)
@@ -111,7 +111,7 @@ def write_bundle(
             model = tmp / "model.onnx"
             _onnx_into(ckpt, source, model, prov)
         shutil.copy(runner.__file__, tmp / "bench.py")
-        files = sorted(p for p in model.rglob("*") if p.is_file()) if model.is_dir() else [model]
+        files = artifact_files(model)
         manifest = {
             "schema": "cllm.bundle/1",
             "target": cfg.target,

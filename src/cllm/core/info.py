@@ -124,8 +124,9 @@ def inspect_folder_artifact(path: Path) -> dict[str, Any] | None:
         prov = read_side_file(path).get("provenance")
     else:
         return None
-    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
-    report["file_bytes"] = sum(f.stat().st_size for f in files)
+    from cllm.formats.hashing import artifact_files
+
+    report["file_bytes"] = sum(f.stat().st_size for f in artifact_files(path))
     report["provenance"] = [
         {k: p.get(k) for k in ("op", "params", "created", "command")}
         | {"parent_sha256": (p.get("parent") or {}).get("sha256"), "versions": p.get("versions")}

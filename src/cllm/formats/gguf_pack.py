@@ -112,17 +112,27 @@ def pack_blocks(
     return out.reshape(rows, nb * spec.type_size)
 
 
-def _write_codes(out: np.ndarray, cb: np.ndarray, spec: BlockSpec, qtype: str) -> None:
-    """Codes `cb` uint8 [rows, nb, 32] into the code bytes of blocks `out` [rows, nb, type_size]."""
+def _write_codes(out: Any, cb: Any, spec: BlockSpec, qtype: str) -> None:
+    """Codes `cb` uint8 [..., 32] into the code bytes of blocks `out` uint8 [..., type_size].
+
+    numpy arrays are viewed as torch tensors (no copy), so `pack_blocks` and
+    `quantize_reference` share one packing, done with torch's threads.
+    """
+    o = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+    if isinstance(cb, np.ndarray):  # a read-only caller array is copied, never written
+        cb = torch.from_numpy(cb if cb.flags.writeable else cb.copy())
+    c = cb.reshape(-1, BLOCK)
+    o = o.reshape(-1, spec.type_size)
     pos = 4 if spec.has_min else 2
     if qtype == "Q8_0":
-        out[..., pos:] = cb - np.uint8(127)  # wraps: the int8 (code - 127) in two's complement
+        o[:, pos:] = c - 127  # wraps: the int8 (code - 127) in two's complement
         return
     if spec.bits == 5:
-        out[..., pos : pos + 4] = np.packbits(cb >> np.uint8(4), axis=-1, bitorder="little")
+        # bit j of the little-endian u32 qh is the 5th bit of element j: byte k holds 8k..8k+7
+        bits = (c >> 4).reshape(-1, 4, 8) << torch.arange(8, dtype=torch.uint8)
+        o[:, pos : pos + 4] = bits.sum(dim=-1, dtype=torch.uint8)
         pos += 4
-    lo = cb[..., : BLOCK // 2] & np.uint8(0x0F)
-    out[..., pos:] = lo | (cb[..., BLOCK // 2 :] << np.uint8(4))
+    o[:, pos:] = (c[:, : BLOCK // 2] & 0x0F) | (c[:, BLOCK // 2 :] << 4)
 
 
 _JUST_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
@@ -175,14 +185,7 @@ def quantize_reference(qtype: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
     # q >= 0 here, so the cast's truncation toward zero is the reference's trunc
     cb = q.clamp_(0, levels - 1).to(torch.uint8)
     out[:, 0:2] = d.half().view(torch.uint8)
-    pos = 4 if spec.has_min else 2
-    if spec.bits == 5:
-        # bit j of the little-endian u32 qh is the 5th bit of element j: byte k holds 8k..8k+7
-        bits = (cb >> 4).reshape(-1, 4, 8) << torch.arange(8, dtype=torch.uint8)
-        out[:, pos : pos + 4] = bits.sum(dim=-1, dtype=torch.uint8)
-        pos += 4
-        cb &= 0x0F
-    out[:, pos:] = cb[:, : BLOCK // 2] | (cb[:, BLOCK // 2 :] << 4)
+    _write_codes(out, cb, spec, qtype)
     return out.reshape(rows, nb * spec.type_size).numpy()
 
 

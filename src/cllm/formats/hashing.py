@@ -51,6 +51,13 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
+def artifact_files(path: Path) -> list[Path]:
+    """The files an artifact is made of: the file itself, or every file under a folder
+    (ONNX exports, bundles), in a stable order."""
+    path = Path(path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
 def files_sha256(paths: list[Path]) -> str:
     """One hash for a multi-file checkpoint: the hash of its files' names and hashes."""
     if len(paths) == 1:

@@ -185,9 +185,6 @@ class OnnxCheckpoint:
 
     @property
     def sha256(self) -> str:
-        from cllm.formats.hashing import files_sha256
+        from cllm.formats.hashing import artifact_files, files_sha256
 
-        files = (
-            [f for f in self.path.rglob("*") if f.is_file()] if self.path.is_dir() else [self.path]
-        )
-        return files_sha256(sorted(files))
+        return files_sha256(artifact_files(self.path))

@@ -54,6 +54,7 @@ class LlamaCppModel:
             n_threads_batch=threads, logits_all=False, verbose=False,
         )  # fmt: skip
         self.vocab = int(self.llm.n_vocab())
+        self._logits_ith = llama_cpp.llama_get_logits_ith  # looked up once, not per token
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -65,9 +66,7 @@ class LlamaCppModel:
         return self._argmax()
 
     def _argmax(self) -> int:
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        ptr = self._logits_ith(self.llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.vocab,))))
 
     def close(self) -> None:

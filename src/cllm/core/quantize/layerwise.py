@@ -7,8 +7,9 @@ quantized) previous layers, which is what GPTQ and AWQ need.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -80,6 +81,22 @@ class LayerRunner:
         pos = torch.arange(hidden.shape[1])[None]
         return self.rotary(hidden[:1], pos)
 
+    def _batches(
+        self, layer: torch.nn.Module, hidden: torch.Tensor
+    ) -> Iterator[tuple[slice, Callable[[], Any]]]:
+        """(rows, run) per calibration batch; `run()` is the layer's forward on those rows."""
+        pe = self.position_embeddings(hidden)
+        pos = torch.arange(hidden.shape[1])[None]
+        bf16 = self.compute_dtype == "bf16"
+        for b in range(0, hidden.shape[0], self.batch_size):
+            rows = slice(b, b + self.batch_size)
+
+            def run(x: torch.Tensor = hidden[rows]) -> Any:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    return layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+
+            yield rows, run
+
     @torch.inference_mode()
     def forward(
         self,
@@ -88,15 +105,10 @@ class LayerRunner:
         on_batch: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Run every calibration sample through one layer, in batches."""
-        pe = self.position_embeddings(hidden)
-        pos = torch.arange(hidden.shape[1])[None]
         out = torch.empty_like(hidden)
-        bf16 = self.compute_dtype == "bf16"
-        for b in range(0, hidden.shape[0], self.batch_size):
-            x = hidden[b : b + self.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            out[b : b + self.batch_size] = y[0] if isinstance(y, tuple) else y
+        for rows, run in self._batches(layer, hidden):
+            y = run()
+            out[rows] = y[0] if isinstance(y, tuple) else y
             if on_batch:
                 on_batch()
         return out
@@ -105,16 +117,9 @@ class LayerRunner:
     def feed(self, layer: torch.nn.Module, hidden: torch.Tensor, stop: type[Exception]) -> None:
         """Run every calibration batch into the layer for its hooks only; a hook raising
         `stop` ends that batch early (the outputs are not kept)."""
-        pe = self.position_embeddings(hidden)
-        pos = torch.arange(hidden.shape[1])[None]
-        bf16 = self.compute_dtype == "bf16"
-        for b in range(0, hidden.shape[0], self.batch_size):
-            x = hidden[b : b + self.batch_size]
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            except stop:
-                pass
+        for _rows, run in self._batches(layer, hidden):
+            with contextlib.suppress(stop):
+                run()
 
 
 def resolve_compute_dtype(requested: str) -> str:
