@@ -39,8 +39,13 @@ def machine() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
+    try:
+        amx = " amx_tile " in Path("/proc/cpuinfo").read_text().replace("\n", " \n ")
+    except OSError:
+        amx = False
     return {
         "cpu": cpu,
+        "amx": amx,
         "cores": os.cpu_count(),
         "ram_gib": mem,
         "os": platform.platform(),
@@ -75,9 +80,18 @@ def write_results(
     return out
 
 
+def machine_line() -> str:
+    """Which CPU a table's figures come from: printed under every title, so figures from an
+    AMD and an Intel machine are never mixed unlabelled."""
+    m = machine()
+    amx = ", lists AMX" if m["amx"] else ""
+    return f"machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores{amx}, {m['ram_gib']} GiB"
+
+
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     print(title)
+    print(machine_line())
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for r in rows:

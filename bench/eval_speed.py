@@ -4,6 +4,10 @@ Each backend is loaded once; then `--runs` times, `--chunks` chunks of `--ctx` t
 of WikiText-2 are pushed through it, exactly as `cllm eval` does (logits for every
 position). Prints a table, writes bench/results/eval_speed.json.
 
+llama.cpp runs as `cllm eval` runs it, in a worker process (a crash there is one line from
+cllm, not a dead cllm); each GGUF is also measured in this process, to show what that
+isolation costs (a second table: isolated tok/s over in-process tok/s).
+
     python bench/eval_speed.py --runs 5 --chunks 2
 """
 
@@ -19,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table, stats, write_results  # noqa: E402
 
-from cllm.core.eval.backends import LlamaCppBackend, TorchBackend  # noqa: E402
+from cllm.core.eval.backends import LlamaCppBackend, LlamaCppSession, TorchBackend  # noqa: E402
 from cllm.core.eval.data import load_tokens, make_chunks  # noqa: E402
 from cllm.formats.checkpoint import open_checkpoint  # noqa: E402
 from cllm.formats.provenance import make_provenance  # noqa: E402
@@ -47,6 +51,10 @@ def main() -> None:
         candidates.append(
             ("llama.cpp", f"{t} GGUF", lambda p=path: LlamaCppBackend(p, args.ctx, args.threads))
         )
+        candidates.append(
+            ("llama.cpp in process", f"{t} GGUF",
+             lambda p=path: LlamaCppSession(str(p), args.ctx, args.threads))
+        )  # fmt: skip
 
     rows, table = [], []
     for backend_name, model, factory in candidates:
@@ -77,7 +85,19 @@ def main() -> None:
         ["backend", "model", "load s", "tok/s median", "tok/s min-max"],
         table,
     )
-    out = write_results("eval_speed", rows, {"params": vars(args)})
+    by = {(r["backend"], r["model"]): r["tokens_per_s"]["median"] for r in rows}
+    cost = [
+        [model, f"{by[('llama.cpp', model)]:.0f}", f"{tps:.0f}",
+         f"{by[('llama.cpp', model)] / tps:.3f}"]
+        for (name, model), tps in by.items() if name == "llama.cpp in process"
+    ]  # fmt: skip
+    print()
+    print_table(
+        "cost of running llama.cpp in a worker process (what cllm eval does)",
+        ["model", "worker tok/s", "in-process tok/s", "ratio"],
+        cost,
+    )
+    out = write_results("eval_speed", rows, {"params": vars(args), "isolation": cost})
     print(f"\nwrote {out}")
 
 

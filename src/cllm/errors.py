@@ -50,3 +50,32 @@ class RuntimeFailure(CllmError):
     """Valid input, but the work itself failed (a backend error, a full disk)."""
 
     exit_code = EXIT_RUNTIME
+
+
+class NativeCrash(RuntimeFailure):
+    """A native runtime (llama.cpp, onnxruntime, a model builder) took its process down.
+
+    Built from the child's return code, so the user reads which runtime died of which
+    signal while doing what, and what to try, instead of a bare `Segmentation fault`.
+    """
+
+    def __init__(
+        self, runtime: str, subject: str, returncode: int, last_words: str = "", local: bool = True
+    ) -> None:
+        from cllm.standalone.guard import ENV, decide, signal_text
+
+        self.runtime = runtime
+        self.returncode = returncode
+        if returncode < 0:
+            how = f"crashed ({signal_text(returncode)})"
+        else:
+            how = f"stopped unexpectedly (exit code {returncode})"
+        said = f" after printing: {last_words[:200]}" if last_words else ""
+        hint = f"Re-run with --debug to see {runtime}'s own output"
+        if runtime == "llama.cpp" and local:
+            d = decide()
+            if d["amx_listed"] and d["extra_bufts"]:
+                hint = (
+                    f"This CPU lists AMX: try {ENV}=off (see Troubleshooting in the README). {hint}"
+                )
+        super().__init__(f"{runtime} {how} while {subject}{said}", hint)

@@ -130,3 +130,58 @@ def test_eval_refuses_nonfinite_unless_allowed(
     allowed = cllm(cli_env, *args, "--allow-nonfinite", "--json")
     assert allowed.returncode != 2, allowed.stderr
     assert "Traceback" not in allowed.stderr
+
+
+TEXT_CASES = {
+    "binary": (bytes(range(256)) * 4, "is not UTF-8 text (invalid byte 0x80 at offset 128)"),
+    "latin-1": ("café crème brûlée ".encode("latin-1") * 50, "is not UTF-8 text"),
+    "nul-bytes": (b"\x00" * 4096, "holds NUL bytes"),
+    "empty": (b"", "is empty"),
+    "blank": (b" \n\t\n" * 10, "is empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_CASES))
+def test_bad_calibration_text_is_one_line(
+    tiny_model: Path, cli_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    data, expect = TEXT_CASES[name]
+    calib = tmp_path / f"{name}.bin"
+    calib.write_bytes(data)
+    out = tmp_path / "q"
+    proc = cllm(cli_env, "quantize", str(tiny_model), "--method", "gptq", "--bits", "4",
+                "--calib", str(calib), "-o", str(out))  # fmt: skip
+    assert_one_line_error(proc, "quantize", expect)
+    assert f"calibration file {calib}" in proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [calib.name]
+
+
+def test_too_short_calibration_text_is_one_line(
+    tiny_model: Path, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    calib = tmp_path / "short.txt"
+    calib.write_text("A few words only.\n")
+    proc = cllm(cli_env, "quantize", str(tiny_model), "--method", "gptq", "--calib", str(calib),
+                "-o", str(tmp_path / "q"))  # fmt: skip
+    assert_one_line_error(proc, "quantize", "fewer than --calib-samples")
+
+
+@pytest.mark.parametrize("name", ["binary", "nul-bytes", "empty"])
+def test_bad_evaluation_text_is_one_line(
+    tiny_model: Path, cli_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    data, expect = TEXT_CASES[name]
+    text = tmp_path / f"{name}.txt"
+    text.write_bytes(data)
+    proc = cllm(cli_env, "eval", str(tiny_model), "--text", str(text), "--ctx", "32")
+    assert_one_line_error(proc, "eval", expect)
+    assert f"evaluation text {text}" in proc.stderr
+
+
+def test_too_short_evaluation_text_is_one_line(
+    tiny_model: Path, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("Too short to hold one chunk.\n")
+    proc = cllm(cli_env, "eval", str(tiny_model), "--text", str(text), "--ctx", "64")
+    assert_one_line_error(proc, "eval", "fewer than one chunk of 64")

@@ -84,11 +84,13 @@ def test_backend_override_converts_to_gguf(models: dict[str, Path]) -> None:
 
 
 def test_standalone_runner_needs_no_cllm(models: dict[str, Path], tmp_path: Path) -> None:
-    """What bundles ship: the runner file alone, run by path, imports nothing of cllm."""
-    import cllm.standalone.runner as runner
+    """What bundles ship: the runner and its loader guard, run by path, import nothing of cllm."""
+    from cllm.standalone import shipped_files
 
-    copy = tmp_path / "bench.py"
-    shutil.copy(runner.__file__, copy)
+    runner, *others = shipped_files()
+    shutil.copy(runner, tmp_path / "bench.py")
+    for f in others:
+        shutil.copy(f, tmp_path / f.name)
     for backend in ("llama.cpp", "onnxruntime"):
         code = (
             "import runpy, sys\n"

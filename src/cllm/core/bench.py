@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cllm.errors import RuntimeFailure, UsageError
+from cllm.errors import NativeCrash, RuntimeFailure, UsageError
 from cllm.formats.checkpoint import Checkpoint
 
 BACKENDS = ("auto", "llama.cpp", "onnxruntime", "torch")
@@ -76,6 +76,8 @@ def run_child(model: str, backend: str, cfg: BenchConfig, timeout: float = 3600)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeFailure(f"benchmark of {model} took over {timeout:.0f} s") from exc
+    if proc.returncode < 0:  # the runtime took the runner down: say so in words
+        raise NativeCrash(backend, f"benchmarking {model}", proc.returncode)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise RuntimeFailure(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cllm.errors import RuntimeFailure, UsageError
+from cllm.errors import NativeCrash, RuntimeFailure, UsageError
 
 _TARGET = re.compile(
     r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:]+|\[[0-9a-fA-F:]+\])(?::(?P<port>\d+))?$"
@@ -117,7 +117,7 @@ def find_runtime(remote: Remote, backend: str) -> str:
 
 def run_remote(remote: Remote, model: Path, backend: str, cfg: Any) -> dict[str, Any]:
     """Copy `model` and the runner to a temporary folder there, run it, return its record."""
-    import cllm.standalone.runner as runner
+    from cllm.standalone import shipped_files
 
     if backend not in RUNTIME_MODULES:
         raise UsageError(f"--remote runs llama.cpp or onnxruntime models, not {backend}",
@@ -128,13 +128,20 @@ def run_remote(remote: Remote, model: Path, backend: str, cfg: Any) -> dict[str,
     if made.returncode != 0 or not folder.startswith("/"):
         raise RuntimeFailure(f"cannot make a folder on {remote.dest}: {_last(made.stderr)}")
     try:
-        remote.copy([Path(model), Path(runner.__file__)], folder)
+        remote.copy([Path(model), *shipped_files()], folder)
         cmd = (
             f"cd {shlex.quote(folder)} && {shlex.quote(remote.python)} runner.py "
             f"{shlex.quote(Path(model).name)} --backend {backend} --threads {cfg.threads} "
             f"--prompt {cfg.prompt} --gen {cfg.gen} --repeat {cfg.repeat} --warmup {cfg.warmup}"
         )
         proc = remote.ssh(cmd, timeout=6 * 3600)
+        if 128 < proc.returncode < 160:  # the remote shell's code for a runner killed by a signal
+            raise NativeCrash(
+                backend,
+                f"benchmarking {model} on {remote.dest}",
+                128 - proc.returncode,
+                local=False,
+            )
         if proc.returncode != 0:
             raise RuntimeFailure(f"benchmark on {remote.dest} failed: {_last(proc.stderr)}")
         try:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cllm.errors import InputError, RuntimeFailure, UsageError
+from cllm.errors import InputError, NativeCrash, RuntimeFailure, UsageError
 from cllm.standalone.runner import MODEL_FILE, OnnxDecoder
 
 PROVENANCE_KEY = "cllm.provenance"
@@ -71,6 +71,8 @@ def run_builder(
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_file, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode < 0:
+        raise NativeCrash("onnxruntime-genai's model builder", "exporting to ONNX", proc.returncode)
     if proc.returncode != 0:
         lines = [
             ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()

@@ -3,3 +3,11 @@
 They import only the standard library, numpy and the runtime they drive (llama-cpp-python or
 onnxruntime), so a board with just that runtime can run them.
 """
+
+from pathlib import Path
+
+
+def shipped_files() -> list[Path]:
+    """What a board needs beside the model: the runner and the loader guard it imports."""
+    here = Path(__file__).resolve().parent
+    return [here / "runner.py", here / "guard.py"]

@@ -1,8 +1,8 @@
 """Benchmark one model in this process and print one JSON record (schema `cllm.bench/1`).
 
-Standalone on purpose: it imports only the standard library, numpy and the runtime it drives
+Standalone on purpose: it imports only the standard library, numpy, the runtime it drives
 (llama-cpp-python for GGUF, onnxruntime for ONNX; torch + transformers for the torch
-backend), so `cllm bench` runs it in a child process (peak memory of one run, no state
+backend) and `guard.py` beside it (how to load llama.cpp safely on this CPU), so `cllm bench` runs it in a child process (peak memory of one run, no state
 shared between runs) and an edge bundle ships it as `bench.py` to run on a board.
 
     python runner.py MODEL --backend llama.cpp --threads 4 --prompt 128 --gen 64 --repeat 5
@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if __package__:  # run as part of cllm (`python -m cllm.standalone.runner`, or imported)
+    from cllm.standalone import guard
+else:  # a bundle's bench.py or a remote copy: guard.py is shipped beside this file
+    import guard  # type: ignore[no-redef]
 
 SCHEMA = "cllm.bench/1"
 MODEL_FILE = "model.onnx"
@@ -49,8 +55,8 @@ class LlamaCppModel:
         import llama_cpp
 
         self.version = getattr(llama_cpp, "__version__", "?")
-        self.llm = llama_cpp.Llama(
-            model_path=path, n_ctx=ctx, n_batch=batch, n_ubatch=batch, n_threads=threads,
+        self.llm = guard.load_llama(
+            path, n_ctx=ctx, n_batch=batch, n_ubatch=batch, n_threads=threads,
             n_threads_batch=threads, logits_all=False, verbose=False,
         )  # fmt: skip
         self.vocab = int(self.llm.n_vocab())
@@ -373,6 +379,8 @@ def bench(
     t0 = time.perf_counter()
     model = load(path, backend, threads, prompt + gen + 16, max(prompt, 32), providers)
     load_s = time.perf_counter() - t0
+    if os.environ.get("CLLM_TEST_CRASH") == model.runtime:  # test hook: die as a bad kernel would
+        os.kill(os.getpid(), signal.SIGSEGV)
     runs = []
     for i in range(warmup + repeat):
         r = measure(model, prompt, gen)
@@ -404,7 +412,11 @@ def bench(
         },  # fmt: skip
         "peak_rss_bytes": peak_rss(),
         "runtime": runtime,
-        "device": {**device_facts(), "copy_bytes_per_s": copy_bandwidth()},
+        "device": {
+            **device_facts(),
+            "copy_bytes_per_s": copy_bandwidth(),
+            "llama_cpp_extra_bufts": guard.decide(),  # AMX usable here? what llama.cpp loaded with
+        },
     }
 
 

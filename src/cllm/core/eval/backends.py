@@ -111,22 +111,27 @@ class TorchBackend:
         self.model = None
 
 
-class LlamaCppBackend:
+class LlamaCppSession:
+    """llama.cpp in this process. Only ever built inside a worker process (`LlamaCppBackend`):
+    a crash of llama.cpp's kernels would otherwise take cllm down with it."""
+
     name = "llama.cpp"
 
-    def __init__(self, gguf_path: Path, ctx: int, threads: int | None = None) -> None:
+    def __init__(self, gguf_path: str, ctx: int, threads: int | None = None) -> None:
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401 - the error below is clearer than the guard's
         except ImportError as exc:
             raise UsageError(
                 "the llama.cpp backend needs llama-cpp-python",
                 "Install it: pip install llama-cpp-python",
             ) from exc
+        from cllm.standalone.guard import load_llama
+
         self.threads = threads or min(os.cpu_count() or 1, 8)
         try:
             with quiet_stderr():
-                self.llm: Any = llama_cpp.Llama(
-                    model_path=str(gguf_path),
+                self.llm: Any = load_llama(
+                    str(gguf_path),
                     n_ctx=ctx,
                     n_batch=ctx,
                     n_ubatch=ctx,
@@ -148,6 +153,37 @@ class LlamaCppBackend:
         if llm is not None:
             llm.close()
             self.llm = None
+
+
+class _Isolated:
+    """A backend whose runtime runs in a worker process (see `cllm.core.worker`)."""
+
+    name = ""
+
+    def __init__(self, runtime: str, path: Path, factory: str, *args: Any) -> None:
+        from cllm.core.worker import Worker
+
+        self.path = Path(path)
+        self.worker: Any = Worker(runtime, f"evaluating {path}", factory, str(path), *args)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.worker.call("logits", np.asarray(tokens, dtype=np.int64))
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+class LlamaCppBackend(_Isolated):
+    """The GGUF run by llama.cpp in a worker process: a crash is one line, not a dead cllm."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, ctx: int, threads: int | None = None) -> None:
+        super().__init__(
+            "llama.cpp", gguf_path, "cllm.core.eval.backends:LlamaCppSession", ctx, threads
+        )
 
 
 def check_finite(ckpt: Checkpoint) -> None:
@@ -183,21 +219,29 @@ def gguf_for_llamacpp(ckpt: Checkpoint) -> Path:
     return target
 
 
-class OnnxBackend:
-    """An ONNX export run by onnxruntime: logits of a whole chunk in one pass, empty cache."""
+class OnnxSession:
+    """An ONNX export run by onnxruntime in this process (inside a worker, as above): logits
+    of a whole chunk in one pass, empty cache."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: str, threads: int | None = None) -> None:
         from cllm.formats.onnx_io import open_decoder
 
-        self.decoder = open_decoder(path, threads or 0)
+        self.decoder = open_decoder(Path(path), threads or 0)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return self.decoder.logits(np.asarray(tokens, dtype=np.int64))[0]
 
     def close(self) -> None:
         self.decoder.close()
+
+
+class OnnxBackend(_Isolated):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__("onnxruntime", path, "cllm.core.eval.backends:OnnxSession", threads)
 
 
 def make_backend(

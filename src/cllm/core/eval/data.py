@@ -28,12 +28,38 @@ def tokenizer_sha256(tokenizer_dir: Path) -> str:
     return file_sha256(target)
 
 
-def load_tokens(text_path: Path, tokenizer_dir: Path) -> EvalTokens:
+def read_text_file(path: Path, what: str = "evaluation text") -> str:
+    """A UTF-8 text file, or one line saying why it is not one.
+
+    Invalid bytes are an error, not replaced: a binary file or a text in another encoding
+    would otherwise be tokenized into plausible-looking garbage, and calibrating or
+    measuring on that gives a silently wrong model or number. A NUL character is taken as
+    the mark of a binary file (it decodes as UTF-8, but no text holds one).
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{what} {path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            "Pass a plain-text file; convert other encodings first, e.g. iconv -t UTF-8",
+        ) from None
+    if "\x00" in text:
+        raise InputError(
+            f"{what} {path} holds NUL bytes (offset {text.index(chr(0))}): it looks binary, not text",
+            "Pass a plain-text file",
+        )
+    if not text.strip():
+        raise InputError(f"{what} {path} is empty", "Pass a file with text in it")
+    return text
+
+
+def load_tokens(text_path: Path, tokenizer_dir: Path, what: str = "evaluation text") -> EvalTokens:
     """Tokenize the whole text as one string, no special tokens added (the pinned protocol)."""
     text_path = Path(text_path)
     if not text_path.is_file():
         raise InputError(
-            f"evaluation text not found: {text_path}",
+            f"{what} not found: {text_path}",
             "Pass --text FILE or set CLLM_DATA_DIR to the folder holding wikitext-2/wiki.test.raw",
         )
     text_sha = file_sha256(text_path)
@@ -44,9 +70,7 @@ def load_tokens(text_path: Path, tokenizer_dir: Path) -> EvalTokens:
             return EvalTokens(np.load(cached).astype(np.int64), text_path, text_sha, tok_sha)
         except (OSError, ValueError):
             pass
-    text = text_path.read_text(encoding="utf-8", errors="strict")
-    if not text.strip():
-        raise InputError(f"evaluation text {text_path} is empty")
+    text = read_text_file(text_path, what)
     from cllm.formats.checkpoint import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -64,7 +88,10 @@ def make_chunks(tokens: np.ndarray, ctx: int, chunks: int | None) -> list[np.nda
         raise InputError(f"--ctx {ctx} is invalid", "Use an even context of at least 16 tokens")
     available = len(tokens) // ctx
     if available == 0:
-        raise InputError(f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}")
+        raise InputError(
+            f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}",
+            "Pass a longer --text file or a smaller --ctx",
+        )
     n = available if chunks is None else chunks
     if n < 1:
         raise InputError(f"--chunks {chunks} is invalid", "Give at least 1")

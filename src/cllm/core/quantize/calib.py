@@ -48,9 +48,7 @@ def load_calibration(
         )
     if not path.is_file():
         raise InputError(f"calibration file not found: {path}", "Pass --calib FILE (plain text)")
-    if path.stat().st_size == 0:
-        raise InputError(f"calibration file {path} is empty")
-    toks = load_tokens(path, tokenizer_dir)
+    toks = load_tokens(path, tokenizer_dir, what="calibration file")
     n = len(toks.ids)
     need = samples * seqlen
     if n < need:

@@ -1,0 +1,212 @@
+"""Native runtimes (llama.cpp, onnxruntime) run in a child process, so that their crash is
+one line from cllm instead of the end of cllm.
+
+A segmentation fault inside a C library cannot be caught in the process it happens in: the
+kernel ends the whole interpreter, with no message from cllm and a partial run. So the
+object that drives the runtime lives in a worker process, and the parent talks to it over a
+pipe: method calls and small results as pickles, large arrays (a chunk's logits are
+`ctx x vocab` floats, 100 MB for SmolLM2 at ctx 512) through a file in `/dev/shm`, which
+costs two memory copies instead of a pipe transfer that took 300-500 ms per chunk here.
+
+When the worker dies the parent raises `NativeCrash("llama.cpp crashed (signal 11
+(SIGSEGV)) while evaluating X", hint)`: one line and exit code 1 at the CLI.
+
+The worker imports only what the object it serves needs (no torch for llama.cpp or
+onnxruntime), so starting it costs a fraction of a second.
+
+Test hook: with `CLLM_TEST_CRASH=<runtime>` in its environment, a worker for that runtime
+kills itself with SIGSEGV on its first call, as a crashing native kernel would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cllm import errors
+from cllm.errors import CllmError, NativeCrash, RuntimeFailure
+
+_BIG = 1 << 20  # arrays of this many bytes or more go through the shared file
+TEST_CRASH_ENV = "CLLM_TEST_CRASH"
+
+
+def _shared_dir() -> str:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+def _debug() -> bool:
+    return os.environ.get("CLLM_DEBUG", "") not in ("", "0")
+
+
+class Worker:
+    """An object built by `factory(*args, **kwargs)` in a child process; `call` runs its methods.
+
+    `runtime` and `subject` name what crashed and what it was doing, for the error message.
+    """
+
+    def __init__(self, runtime: str, subject: str, factory: str, *args: Any, **kwargs: Any):
+        self.runtime = runtime
+        self.subject = subject
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        fd, shared = tempfile.mkstemp(prefix="cllm-worker-", suffix=".bin", dir=_shared_dir())
+        os.close(fd)
+        self._shared = Path(shared)
+        self._log = tempfile.TemporaryFile(prefix="cllm-worker-", suffix=".log")  # noqa: SIM115 - lives as long as the worker
+        cmd = [sys.executable, "-m", "cllm.core.worker", str(child_r), str(child_w), shared]
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                pass_fds=(child_r, child_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None if _debug() else self._log,
+            )
+        except OSError:
+            self._shared.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(child_r)
+            os.close(child_w)
+        self._recv = Connection(parent_r, writable=False)
+        self._send = Connection(parent_w, readable=False)
+        try:
+            self._request(("init", factory, args, kwargs, runtime))
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self._request(("call", method, args))
+
+    def _request(self, message: tuple[Any, ...]) -> Any:
+        try:
+            self._send.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            reply = pickle.loads(self._recv.recv_bytes())
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            raise self._died() from None
+        kind = reply[0]
+        if kind == "ok":
+            return reply[1]
+        if kind == "array":
+            _, shape, dtype = reply
+            count = int(np.prod(shape))
+            return np.fromfile(self._shared, dtype=np.dtype(dtype), count=count).reshape(shape)
+        _, cls_name, message, hint = reply
+        found = getattr(errors, str(cls_name), None)
+        cls: type[CllmError] = RuntimeFailure
+        if isinstance(found, type) and issubclass(found, CllmError) and found is not NativeCrash:
+            cls = found
+        raise cls(str(message), str(hint))
+
+    def _died(self) -> NativeCrash:
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        err = NativeCrash(self.runtime, self.subject, rc, self._last_words())
+        self._cleanup()
+        return err
+
+    def _last_words(self) -> str:
+        """The runtime's last line on stderr, when it is an assertion or error message."""
+        try:
+            self._log.seek(0)
+            text = self._log.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        keys = ("assert", "error", "abort", "fault")
+        return next((ln for ln in reversed(lines) if any(k in ln.lower() for k in keys)), "")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._send.send_bytes(pickle.dumps(("close",)))
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for conn in (self._send, self._recv):
+            conn.close()
+        self._shared.unlink(missing_ok=True)
+        self._log.close()
+
+    def __del__(self) -> None:  # a worker left open must not outlive its parent object
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            shared.unlink(missing_ok=True)
+
+
+def _serve(recv: Connection, send: Connection, shared: str) -> None:
+    obj: Any = None
+    crash_on_call = False
+    while True:
+        try:
+            message = pickle.loads(recv.recv_bytes())
+        except EOFError:
+            return
+        if message[0] == "close":
+            if obj is not None and hasattr(obj, "close"):
+                obj.close()
+            return
+        try:
+            if message[0] == "init":
+                _, factory, args, kwargs, runtime = message
+                module, _, name = factory.partition(":")
+                obj = getattr(importlib.import_module(module), name)(*args, **kwargs)
+                crash_on_call = os.environ.get(TEST_CRASH_ENV) == runtime
+                result: Any = None
+            else:
+                if crash_on_call:
+                    os.kill(os.getpid(), signal.SIGSEGV)
+                _, method, args = message
+                result = getattr(obj, method)(*args)
+            if isinstance(result, np.ndarray) and result.nbytes >= _BIG:
+                with open(shared, "r+b") as fh:
+                    np.ascontiguousarray(result).tofile(fh)
+                reply: tuple[Any, ...] = ("array", result.shape, result.dtype.str)
+            else:
+                reply = ("ok", result)
+        except CllmError as exc:
+            reply = ("err", type(exc).__name__, exc.message, exc.hint)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reply = ("err", "RuntimeFailure", text, "")
+        send.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def main() -> int:
+    # Ctrl-C reaches the whole process group: the parent decides, and closes or kills us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    recv = Connection(int(sys.argv[1]), writable=False)
+    send = Connection(int(sys.argv[2]), readable=False)
+    try:
+        _serve(recv, send, sys.argv[3])
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Native runtimes on any CPU: the AMX decision, and a runtime crash as one line, not a dead cllm.
+
+These run in the default suite on whichever machine CI lands on: a quantized GGUF is
+evaluated by llama.cpp, and a worker that dies of SIGSEGV is turned into a message.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cllm.errors import InputError, NativeCrash
+from cllm.standalone import guard
+from tests.conftest import run_cli
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx512f {extra} avx2\nmodel name\t: X\n"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("native")
+    out = {}
+    for qtype in ("Q8_0", "Q4_0"):
+        path = root / f"tiny.{qtype}.gguf"
+        run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", qtype, "-o", str(path),
+                check=True)  # fmt: skip
+        out[qtype] = path
+    return out
+
+
+def test_amx_is_read_from_the_cpu_flags() -> None:
+    assert guard.amx_listed(CPUINFO.format(extra="amx_bf16 amx_tile amx_int8"))
+    assert not guard.amx_listed(CPUINFO.format(extra="amx_bf16"))  # no tiles, no AMX path
+    assert not guard.amx_listed("")
+
+
+@pytest.mark.parametrize("setting,extra", [("off", False), ("0", False), ("on", True), ("1", True)])
+def test_environment_forces_the_choice(setting: str, extra: bool) -> None:
+    d = guard.decide(force=setting)
+    assert d["extra_bufts"] is extra and guard.ENV in d["why"]
+
+
+def test_a_probe_that_dies_means_amx_is_not_usable() -> None:
+    kill = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
+    ok, why = guard.probe_amx(argv=[sys.executable, "-c", kill])
+    assert not ok and "signal 11 (SIGSEGV)" in why
+
+
+def test_real_probe_never_approves_a_cpu_without_amx() -> None:
+    """On this machine's CPU: where AMX is not listed, the real probe (kernel permission, then
+    the tile instructions in a child) must fail without taking the test process down."""
+    ok, why = guard.probe_amx()
+    if not guard.amx_listed():
+        assert not ok, why
+    assert why  # always a reason, either way
+    auto = guard.decide(force="auto")
+    assert auto["amx_listed"] == guard.amx_listed()
+    if not auto["amx_listed"]:
+        assert auto["extra_bufts"]  # nothing to fear: llama.cpp keeps its repacked fast paths
+
+
+def test_quantized_gguf_runs_in_llamacpp_here(quantized: dict[str, Path], tiny_model: Path,
+                                              tiny_text: Path) -> None:  # fmt: skip
+    """The test that died of SIGSEGV on AMX machines: quantized GGUFs evaluated by llama.cpp,
+    through the CLI, agreeing with torch on the same file."""
+    for qtype, path in quantized.items():
+        args = ["eval", str(path), "--text", str(tiny_text), "--ctx", "64", "--chunks", "4"]
+        cpp = run_cli(*args, "-b", "llama.cpp", "--json", check=True)
+        ref = run_cli(*args, "-b", "torch", "--json", check=True)
+        a, b = json.loads(cpp.stdout)["perplexity"], json.loads(ref.stdout)["perplexity"]
+        assert np.isfinite(a) and abs(a - b) / b < 0.02, (qtype, a, b)
+
+
+def test_extra_buffer_types_off_give_the_same_logits(quantized: dict[str, Path]) -> None:
+    """CLLM_AMX=off (the fallback for broken AMX) changes only the kernels, not the numbers."""
+    import os
+
+    from cllm.core.eval.backends import LlamaCppBackend
+
+    ids = np.arange(5, 69)
+    got = {}
+    for setting in ("auto", "off"):
+        os.environ[guard.ENV] = setting
+        try:
+            backend = LlamaCppBackend(quantized["Q4_0"], ctx=64, threads=2)
+            got[setting] = backend.logits(ids)
+            backend.close()
+        finally:
+            del os.environ[guard.ENV]
+    assert got["auto"].shape[0] == 64 and np.isfinite(got["auto"]).all()
+    np.testing.assert_allclose(got["off"], got["auto"], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["llama.cpp", "onnxruntime"])
+def test_eval_crash_is_one_line(quantized: dict[str, Path], tiny_model: Path, tiny_text: Path,
+                                tmp_path: Path, backend: str) -> None:  # fmt: skip
+    """A runtime that dies of SIGSEGV inside the worker: cllm says so in one line, exit 1."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        model = _tiny_onnx_stub(tmp_path, tiny_model)
+    else:
+        model = quantized["Q8_0"]
+    p = run_cli("eval", str(model), "-b", backend, "--text", str(tiny_text), "--ctx", "64",
+                "--chunks", "1", env={"CLLM_TEST_CRASH": backend, "NO_COLOR": "1"})  # fmt: skip
+    assert p.returncode == 1, p.stderr
+    assert p.stdout == "" and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()
+    assert len([ln for ln in last if "error:" in ln]) == 1
+    assert last[-1].startswith(f"cllm eval: error: {backend} crashed (signal 11 (SIGSEGV))")
+    assert f"while evaluating {model}" in last[-1] and "--debug" in last[-1]
+
+
+def test_bench_crash_is_one_line(quantized: dict[str, Path]) -> None:
+    p = run_cli("bench", str(quantized["Q8_0"]), "--prompt", "8", "--gen", "4", "--repeat", "1",
+                env={"CLLM_TEST_CRASH": "llama.cpp"})  # fmt: skip
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("cllm bench: error: llama.cpp crashed (signal 11 (SIGSEGV))"), last
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_bench_records_the_llama_cpp_loading_choice(quantized: dict[str, Path]) -> None:
+    p = run_cli("bench", str(quantized["Q4_0"]), "--prompt", "8", "--gen", "4", "--repeat", "1",
+                "--json", check=True)  # fmt: skip
+    rec = json.loads(p.stdout)
+    choice = rec["device"]["llama_cpp_extra_bufts"]
+    assert choice["amx_listed"] == guard.amx_listed()
+    assert isinstance(choice["extra_bufts"], bool) and choice["why"]
+    assert rec["tg_tps"]["median"] > 0
+
+
+def test_worker_passes_results_and_errors_through(tmp_path: Path) -> None:
+    from cllm.core.worker import Worker
+
+    w = Worker("numpy", "testing", "numpy.random:default_rng", 7)
+    try:
+        big = w.call("standard_normal", (700, 600))  # 3.4 MB: through the shared file
+        small = w.call("integers", 0, 100, 5)  # through the pipe
+    finally:
+        w.close()
+    rng = np.random.default_rng(7)
+    np.testing.assert_array_equal(big, rng.standard_normal((700, 600)))
+    np.testing.assert_array_equal(small, rng.integers(0, 100, 5))
+
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(InputError, match="not UTF-8 text"):  # the child's typed error, as is
+        Worker("python", "reading", "cllm.core.eval.data:read_text_file", binary)
+
+
+def test_worker_death_is_a_native_crash() -> None:
+    from cllm.core.worker import Worker
+
+    w = Worker("sometime", "testing the crash path", "os:getpid")
+    w.proc.send_signal(signal.SIGKILL)
+    with pytest.raises(NativeCrash) as err:
+        w.call("__int__")
+    assert "sometime crashed (signal 9 (SIGKILL)) while testing the crash path" in str(err.value)
+    assert not w._shared.exists()  # the shared file is gone with the worker
+
+
+def _tiny_onnx_stub(tmp_path: Path, tiny_model: Path) -> Path:
+    """Any ONNX folder will do: the worker dies on its first call, after loading. A real
+    export is used by the ONNX tests; here the cheapest graph onnxruntime loads."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "stub.onnx"
+    folder.mkdir()
+    for tok in tiny_model.glob("tokenizer*"):
+        shutil.copy(tok, folder / tok.name)
+    vocab, kv, hd = 256, 1, 4
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"]),
+        helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [1, kv, "p", hd]),
+        helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, [1, kv, "p", hd]),
+    ]  # fmt: skip
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", vocab]),
+        helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [1, kv, "p", hd]),
+        helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, [1, kv, "p", hd]),
+    ]
+    table = helper.make_tensor("table", TensorProto.FLOAT, [vocab, vocab], [0.0] * vocab * vocab)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["logits"]),
+        helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+        helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"]),
+    ]
+    graph = helper.make_graph(nodes, "stub", inputs, outputs, initializer=[table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def test_off_reaches_the_params_llama_cpp_loads_with() -> None:
+    """llama_cpp.Llama offers no argument for use_extra_bufts: the guard hands it default
+    params with the field off, through the very function Llama.__init__ calls."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama as llama_module
+
+    assert llama_module.llama_cpp is llama_cpp.llama_cpp  # what Llama.__init__ looks up
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    with guard._default_params_without_extra_bufts(llama_cpp):
+        assert not llama_module.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
