@@ -100,8 +100,13 @@ def test_quantization_config_and_spec() -> None:
 # -- a real loader -------------------------------------------------------------
 
 
-def _write_packed(src: Path, dst: Path, bits: int, group: int, symmetric: bool) -> dict:
+def _write_packed(
+    src: Path, dst: Path, bits: int, group: int, symmetric: bool, pad_zero_point: bool = True
+) -> dict:
     """Quantize every Linear but lm_head with RTN; write a pack-quantized HF folder.
+
+    `pad_zero_point=False` writes the zero points of cllm before the default-load fix (and
+    of compressed-tensors' own compressor).
 
     Returns the fake-quantized state dict (weights replaced by their dequantized codes).
     """
@@ -114,8 +119,11 @@ def _write_packed(src: Path, dst: Path, bits: int, group: int, symmetric: bool) 
             codes, scales, zeros = quantize_rtn(t, grid)
             fake[name] = dequantize_groups(codes, scales, zeros, grid.group_width(t.shape[1]))
             prefix = name.removesuffix(".weight")
+            zp = None if symmetric else zeros
             tensors.update(
-                ct.linear_tensors(prefix, codes, scales, None if symmetric else zeros, bits, group)
+                ct.linear_tensors(
+                    prefix, codes, scales, zp, bits, group, pad_zero_point=pad_zero_point
+                )
             )
         else:
             fake[name] = tensors[name] = t
@@ -175,14 +183,15 @@ def test_transformers_loads_symmetric(
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 @pytest.mark.parametrize(("bits", "group"), [(4, 32), (3, -1)])
+@pytest.mark.parametrize("pad", [True, False], ids=["padded-zp", "unpadded-zp"])
 def test_transformers_loads_asymmetric_with_dequantize(
-    tiny_model: Path, tmp_path: Path, bits: int, group: int
+    tiny_model: Path, tmp_path: Path, bits: int, group: int, pad: bool
 ) -> None:
     pytest.importorskip("compressed_tensors")
     from transformers import CompressedTensorsConfig
 
     folder = tmp_path / "packed"
-    fake = _write_packed(tiny_model, folder, bits, group, symmetric=False)
+    fake = _write_packed(tiny_model, folder, bits, group, symmetric=False, pad_zero_point=pad)
     diff = _logits_diff(
         tiny_model, folder, fake, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
@@ -190,15 +199,86 @@ def test_transformers_loads_asymmetric_with_dequantize(
     _check_own_reader(folder, fake)
 
 
-@pytest.mark.xfail(
-    reason="transformers 5.x + compressed-tensors 0.20: the default (compressed) load creates an "
-    "unpacked [out, groups] zero-point parameter and rejects the packed zero point the format "
-    "stores; asymmetric checkpoints load only with CompressedTensorsConfig(dequantize=True)",
-    raises=(RuntimeError, ValueError),
-    strict=False,
-)
-def test_transformers_default_load_of_asymmetric(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (3, -1), (8, 32)])
+def test_transformers_default_load_of_asymmetric(
+    tiny_model: Path, tmp_path: Path, bits: int, group: int
+) -> None:
+    """What a user does: plain `from_pretrained(path)`, no extra config (the padded zero
+    point is what makes this work with transformers 5.x + compressed-tensors 0.20)."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+
+    folder = tmp_path / "packed"
+    fake = _write_packed(tiny_model, folder, bits, group, symmetric=False)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        zp = f.get_tensor("model.layers.0.mlp.down_proj.weight_zero_point")
+        shape = f.get_tensor("model.layers.0.mlp.down_proj.weight_shape").tolist()
+    groups = 1 if group == -1 else shape[1] // group
+    assert (zp.dtype, tuple(zp.shape)) == (torch.int32, (shape[0], groups))
+    # loads packed (decompressed on the first forward) with exactly the fake-quantized logits
+    assert _logits_diff(tiny_model, folder, fake) == (0.0, True)
+    _check_own_reader(folder, fake)
+
+
+def test_unpadded_zero_point_is_still_rejected_by_default(tiny_model: Path, tmp_path: Path) -> None:
+    """Canary: compressed-tensors' own unpadded zero point does not load by default. If this
+    starts to pass upstream (meta-device compression packing the zero point), the padded
+    layout may stop loading: re-check `test_transformers_default_load_of_asymmetric`."""
     pytest.importorskip("compressed_tensors")
     folder = tmp_path / "packed"
-    fake = _write_packed(tiny_model, folder, 4, 32, symmetric=False)
-    assert _logits_diff(tiny_model, folder, fake)[0] == 0.0
+    fake = _write_packed(tiny_model, folder, 4, 32, symmetric=False, pad_zero_point=False)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _logits_diff(tiny_model, folder, fake)
+
+
+@pytest.mark.parametrize(
+    ("bits", "rows", "group"), [(4, 20, 32), (3, 37, -1), (8, 9, 32), (2, 1, 32)]
+)
+def test_zero_point_layouts_match_compressed_tensors(bits: int, rows: int, group: int) -> None:
+    """Both zero-point layouts decompress, through compressed-tensors' own
+    `PackedQuantizationCompressor.decompress`, to cllm's dequantized weight; the unpadded
+    one is byte for byte what its `compress` writes."""
+    base = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    cols = 64
+    groups = 1 if group == -1 else cols // group
+    g = torch.Generator().manual_seed(bits * 100 + rows)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).float()
+    scale = torch.rand(rows, groups, generator=g) + 0.5
+    strategy = "channel" if group == -1 else "group"
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=False, strategy=strategy, group_size=None if group == -1 else group
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    width = cols if group == -1 else group
+    want = scale.repeat_interleave(width, 1) * (codes.float() - zero.repeat_interleave(width, 1))
+    signed_zp = (zero - (1 << (bits - 1))).to(torch.int8)
+    ours = ct.linear_tensors("m", codes, scale, zero, bits, group, pad_zero_point=False)
+    theirs = base.PackedQuantizationCompressor.compress(
+        {"weight": want, "weight_scale": scale, "weight_zero_point": signed_zp}, scheme
+    )
+    assert torch.equal(ours["m.weight_zero_point"], theirs["weight_zero_point"])
+    for pad in (True, False):
+        t = ct.linear_tensors("m", codes, scale, zero, bits, group, pad_zero_point=pad)
+        local = {k.removeprefix("m."): v for k, v in t.items()}
+        planned = ct.planned_shapes(rows, cols, bits, group, False, pad_zero_point=pad)
+        assert {k: tuple(v.shape) for k, v in local.items()} == {
+            k: s for k, (s, _) in planned.items()
+        }
+        if pad:
+            assert local["weight_zero_point"].shape == (rows, groups)
+        assert torch.equal(ct.dequantize_linear(local, bits), want)
+        out = base.PackedQuantizationCompressor.decompress(dict(local), scheme)
+        assert torch.equal(out["weight_zero_point"], signed_zp)
+        assert torch.equal(out["weight"], want)
+
+
+def test_unpack_rejects_a_wrong_zero_point_shape() -> None:
+    codes = torch.randint(0, 16, (20, 64))
+    t = ct.linear_tensors("m", codes, torch.ones(20, 2), torch.full((20, 2), 3.0), 4, 32)
+    local = {k.removeprefix("m."): v for k, v in t.items()}
+    local["weight_zero_point"] = local["weight_zero_point"][:7]
+    with pytest.raises(InputError, match=r"not packed \[3, 2\] or padded \[20, 2\]"):
+        ct.unpack_linear(local, 4)

@@ -12,11 +12,30 @@ Per quantized Linear `<prefix>` a checkpoint holds:
 - `<prefix>.weight_scale`: `[out, in / group_size]` (`[out, 1]` per channel), in the
   model's float dtype (the loader casts it to the dtype it creates the parameter in).
 - `<prefix>.weight_shape`: int64 `[2]` = `[out, in]`.
-- asymmetric only: `<prefix>.weight_zero_point`: the signed zero point plus 2^(bits-1)
-  (= cllm's unsigned zero code), packed like the weight but along the *output* dim:
-  int32 `[ceil(out * bits / 32), in / group_size]`. transformers 5.x loads this only
-  with `CompressedTensorsConfig(dequantize=True)`; its default (compressed) load
-  creates an unpacked `[out, groups]` parameter and rejects the packed shape.
+- asymmetric only: `<prefix>.weight_zero_point`: int32 `[out, in / group_size]`. The
+  zero points (signed zero point plus 2^(bits-1) = cllm's unsigned zero code) are packed
+  like the weight but along the *output* dim, one dense bit stream per group column, into
+  the first `ceil(out * bits / 32)` rows; the remaining rows are zero padding.
+
+Why the padded zero point (checked with transformers 5.24.0, compressed-tensors 0.20.1,
+torch 2.13): compressed-tensors' own `PackedQuantizationCompressor.compress` writes the
+zero point packed *without* padding, int32 `[ceil(out * bits / 32), groups]`, and so
+did cllm before (files with that layout are still read here). But transformers' default
+(compressed) load builds the model on the meta device (`CompressedTensorsHfQuantizer.
+_process_model_before_weight_loading`: `apply_quantization_config`, which creates an int8
+`[out, groups]` zero point, then `ModelCompressor.compress_model`), and `compress` on meta
+tensors only creates `weight_packed`: it leaves that zero point unpacked. The loader then
+rejects the unpadded tensor ("size mismatch"), so such files load only with
+`CompressedTensorsConfig(dequantize=True)`. On the first forward the decompression hook
+(`PackedQuantizationCompressor.decompress`) calls `unpack_from_int32(zp, bits, (out,
+groups), packed_dim=0)`, which needs int32 and reads only the first `out` values of each
+column's bit stream. An int32 `[out, groups]` tensor with the packed words on top therefore
+matches the parameter's shape and decompresses to the right zero points: the default load
+and `dequantize=True` both give logits identical to cllm's dequantization. The cost is
+4 bytes per group instead of bits/8 (about +0.9 bit per weight at 4 bits, group 32).
+vLLM's compressed-tensors WNA16 scheme allocates `[out // (32 // bits), groups]` for the
+zero point and so expects the unpadded layout (read from its source, not tested);
+`linear_tensors(..., pad_zero_point=False)` still writes that.
 
 The weight the loader computes is `scale * (q - zp)` with `q`, `zp` signed, i.e.
 `scale * (code - zero)` with cllm's unsigned codes: the same numbers, bit for bit.
@@ -166,6 +185,7 @@ def linear_tensors(
     bits: int,
     group_size: int,
     scale_dtype: torch.dtype | None = None,
+    pad_zero_point: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized Linear (`prefix` is e.g. `model.layers.0.mlp.up_proj`).
 
@@ -173,6 +193,9 @@ def linear_tensors(
     symmetric grid (whose zero must be 2^(bits-1)) or the unsigned integer zero codes
     `[out, in/group]`. `group_size` -1 means per channel. `scale_dtype` defaults to
     float32; give the model's dtype (bf16/fp16) to match a checkpoint of that dtype.
+    `pad_zero_point` pads the packed zero point to `[out, groups]` rows, the shape
+    transformers' default load expects (see the module docstring); False writes the
+    unpadded `[ceil(out*bits/32), groups]` of compressed-tensors' own compressor.
     """
     import torch
 
@@ -199,8 +222,11 @@ def linear_tensors(
             )
         if not torch.equal(zero, zero.round()):
             raise UsageError(f"{prefix}: zero points must be integers for compressed-tensors")
-        # packed along the output dim: [ceil(out*bits/32), groups]
-        tensors[f"{prefix}.weight_zero_point"] = pack_weight(zero.t(), bits).t().contiguous()
+        # packed along the output dim: [ceil(out*bits/32), groups] ...
+        zp = pack_weight(zero.t(), bits).t()
+        if pad_zero_point:  # ... in the top rows of an [out, groups] tensor
+            zp = torch.cat([zp, zp.new_zeros(out_f - zp.shape[0], groups)])
+        tensors[f"{prefix}.weight_zero_point"] = zp.contiguous()
     return tensors
 
 
@@ -322,11 +348,16 @@ def unpack_linear(
     if zp is None:
         zero = torch.full((out_f, scale.shape[1]), float(1 << (bits - 1)))
     else:
-        if zp.dim() != 2 or zp.shape[1] != scale.shape[1]:
+        # packed along the output dim, padded to [out, groups] rows (cllm since the
+        # transformers default-load fix) or not ([words, groups]: compressed-tensors'
+        # compressor, older cllm)
+        words = math.ceil(out_f * bits / 32)
+        if zp.dim() != 2 or zp.shape[1] != scale.shape[1] or zp.shape[0] not in (words, out_f):
             raise InputError(
-                f"weight_zero_point has shape {tuple(zp.shape)}, not packed [words, {scale.shape[1]}]"
+                f"weight_zero_point has shape {tuple(zp.shape)}, not packed "
+                f"[{words}, {scale.shape[1]}] or padded [{out_f}, {scale.shape[1]}]"
             )
-        zero = unpack_weight(zp.t().contiguous(), bits, out_f).t().float()
+        zero = unpack_weight(zp[:words].t().contiguous(), bits, out_f).t().float()
     return codes, scale, zero, group
 
 
@@ -359,7 +390,12 @@ def _linear_parts(
 
 
 def planned_shapes(
-    rows: int, cols: int, bits: int, group_size: int, symmetric: bool
+    rows: int,
+    cols: int,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    pad_zero_point: bool = True,
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and safetensors dtype of each stored tensor of one packed Linear, known before
     quantizing, so the writer can lay out the file header and stream the data afterwards."""
@@ -370,5 +406,6 @@ def planned_shapes(
         "weight_shape": ((2,), "I64"),
     }
     if not symmetric:
-        out["weight_zero_point"] = ((-(-rows * bits // 32), groups), "I32")
+        zp_rows = rows if pad_zero_point else -(-rows * bits // 32)
+        out["weight_zero_point"] = ((zp_rows, groups), "I32")
     return out
