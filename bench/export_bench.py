@@ -21,10 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import cllm, print_table, stats, write_results  # noqa: E402
 
+from cllm.standalone import guard  # noqa: E402
+
 # the bare loop: llama-cpp-python's own calls, nothing of cllm, timed the same way
 BARE = """
 import sys, time, json, numpy as np, llama_cpp
 path, threads, prompt, gen, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if sys.argv[6] == "0":  # load as cllm does on this CPU (no extra buffer types where AMX is broken)
+    _default = llama_cpp.llama_cpp.llama_model_default_params
+    def _no_extra():
+        p = _default(); p.use_extra_bufts = False; return p
+    llama_cpp.llama_cpp.llama_model_default_params = _no_extra
 llm = llama_cpp.Llama(model_path=path, n_ctx=prompt + gen + 16, n_batch=prompt, n_ubatch=prompt,
                       n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
 n_vocab = llm.n_vocab()
@@ -125,7 +132,8 @@ def main() -> None:
         o, _ = cllm("bench", gguf, *common[:-2], "--repeat", "3", "--json")
         ours.append(json.loads(o)["tg_tps"]["median"])
         proc = subprocess.run(
-            [sys.executable, "-c", BARE, gguf, str(args.threads), str(args.prompt), str(args.gen), "3"],
+            [sys.executable, "-c", BARE, gguf, str(args.threads), str(args.prompt), str(args.gen), "3",
+             str(int(guard.decide()["extra_bufts"]))],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         bare.append(sorted(json.loads(proc.stdout))[1])
