@@ -39,7 +39,7 @@ def test_rpi5_bundle_from_float_model(tiny_model: Path, tmp_path: Path) -> None:
                 "--gguf-type", "Q8_0", "-o", str(out), check=True)  # fmt: skip
     assert p.stdout.strip() == str(out)
     assert sorted(f.name for f in out.iterdir()) == [
-        "README.txt", "bench.py", "manifest.json", "model.gguf", "run.sh",
+        "README.txt", "bench.py", "guard.py", "manifest.json", "model.gguf", "run.sh",
     ]  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
     assert m["schema"] == "cllm.bundle/1" and m["target"] == "rpi5" and m["threads"] == 4

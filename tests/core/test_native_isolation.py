@@ -211,3 +211,16 @@ def test_off_reaches_the_params_llama_cpp_loads_with() -> None:
     with guard._default_params_without_extra_bufts(llama_cpp):
         assert not llama_module.llama_cpp.llama_model_default_params().use_extra_bufts
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+
+
+def test_llama_cpp_quantizer_crash_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    """llama.cpp's own quantizer (K-quants) runs in a worker too: its crash leaves no output."""
+    out = tmp_path / "k.gguf"
+    args = ["quantize", str(tiny_model), "--gguf-type", "Q4_K_M", "-o", str(out)]
+    p = run_cli(*args, env={"CLLM_TEST_CRASH": "llama.cpp's quantizer"})
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("cllm quantize: error: llama.cpp's quantizer crashed (signal 11"), last
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    ok = run_cli(*args, check=True)  # and without the crash, the same command works
+    assert ok.stdout.strip() == str(out) and out.stat().st_size > 0

@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from cllm.errors import EXIT_INTERRUPTED, CllmError
+
+if TYPE_CHECKING:
+    from cllm.formats.outputs import OutputCheck
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -215,3 +218,27 @@ def output_option(default_name: str) -> Any:
     return typer.Option(
         None, "--output", "-o", help=f"Output path [default: {default_name} beside the input]."
     )
+
+
+def claim_output(
+    checks: list[OutputCheck], pid: str, force: bool, named: bool, emit: Callable[[], None]
+) -> bool:
+    """After --dry-run, before the work: clear what killed runs left beside the outputs, then
+    apply the Make-friendly rule. True when every output is there and up to date (printed
+    again, no work); cllm outputs of the same kind made otherwise are rebuilt, with a warning
+    when cllm chose the name. (`check_output` has already refused anything cllm may not
+    replace.)"""
+    from cllm.formats.leftovers import describe_leftover, remove_stale_temporaries
+
+    for check in checks:
+        for left in remove_stale_temporaries(check.path):
+            warn(describe_leftover(left))
+    if not force and all(check.up_to_date(pid) for check in checks):
+        for check in checks:
+            log(f"{check.path} is up to date (same input and parameters); --force redoes it")
+        emit()
+        return True
+    for check in checks:
+        if named and check.exists and not check.up_to_date(pid):
+            warn(f"{check.path} exists with other provenance; overwriting")
+    return False

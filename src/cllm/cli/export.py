@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -11,6 +13,7 @@ from cllm.cli._common import (
     DRY_RUN_OPTION,
     FORCE_OPTION,
     JSON_OPTION,
+    claim_output,
     default_output,
     emit_artifact,
     emit_plan,
@@ -22,6 +25,9 @@ from cllm.cli._common import (
     warn,
 )
 from cllm.errors import UsageError
+
+if TYPE_CHECKING:
+    from cllm.formats.outputs import Kind
 
 
 class Target(str, Enum):
@@ -114,6 +120,7 @@ def _export(
         SafetensorsExportConfig,
         export,
     )
+    from cllm.formats.outputs import check_output
     from cllm.formats.provenance import make_provenance, provenance_id
 
     cfg: ExportConfig
@@ -141,16 +148,21 @@ def _export(
             single_file=single_file, dtype=dtype.upper() if dtype else None
         )
     cfg.validate()
+    kind = export_kind(to, single_file)
+    if output is not None:  # refused before the input is even hashed
+        check_output(output, kind, f"-o {output}")
     ckpt, spec = open_spec(checkpoint)
     params = cfg.to_dict()
     pid = provenance_id(ckpt.sha256, "export", params)
     out = output or default_output(
         spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension
     )
+    check = check_output(out, kind, f"-o {output}" if output is not None else None)
     if dry_run:
         emit_plan(out, params, use_json(as_json))
         return
-    if _reused(out, pid, to, params, ckpt.sha256, force, output is None, as_json):
+    emit = partial(emit_artifact, out, to, "export", params, ckpt.sha256, use_json(as_json))
+    if claim_output([check], pid, force, output is None, emit):
         return
     prov = make_provenance("export", params, ckpt.sha256, ckpt.provenance, str(ckpt.path))
     n = 1 if to == "onnx" else len(ckpt.tensor_infos())
@@ -167,48 +179,13 @@ def _export(
     emit_artifact(out, to, "export", params, ckpt.sha256, use_json(as_json))
 
 
-def _reused(
-    out: Path,
-    pid: str,
-    fmt: str,
-    params: dict,
-    parent: str,
-    force: bool,
-    named: bool,
-    as_json: bool,
-) -> bool:
-    """Make-friendly: an output already at `out` with the same provenance id is reported
-    again instead of rebuilt (True); one made otherwise is overwritten, with a warning
-    when cllm chose the name."""
-    if not out.exists() or force:
-        return False
-    if _existing_provenance(out).get("id") == pid:
-        log(f"{out} is up to date (same input and parameters); --force redoes it")
-        emit_artifact(out, fmt, "export", params, parent, use_json(as_json))
-        return True
-    if named:
-        warn(f"{out} exists with other provenance; overwriting")
-    return False
+def export_kind(to: str, single_file: bool) -> Kind:
+    """The kind of output `--to` writes: what an existing output at -o must be to be replaced."""
+    from cllm.formats.outputs import Kind
 
-
-def _existing_provenance(out: Path) -> dict:
-    """What made the file or folder already at `out` ({} when unreadable: not up to date)."""
-    import json
-
-    from cllm.formats.checkpoint import open_checkpoint
-    from cllm.formats.onnx_io import is_onnx, read_side_file
-
-    if is_onnx(out):
-        return read_side_file(out).get("provenance") or {}
-    if (out / "manifest.json").is_file():  # an edge bundle
-        try:
-            return json.loads((out / "manifest.json").read_text()).get("provenance") or {}
-        except ValueError:
-            return {}
-    try:
-        return open_checkpoint(out).provenance or {}
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not up to date
-        return {}
+    if to == "safetensors":
+        return Kind.SAFETENSORS_FILE if single_file else Kind.HF_FOLDER
+    return {"gguf": Kind.GGUF, "onnx": Kind.ONNX, "bundle": Kind.BUNDLE}[to]
 
 
 def _bundle(
@@ -225,12 +202,15 @@ def _bundle(
     from cllm.formats.checkpoint import open_checkpoint
     from cllm.formats.hashing import artifact_files, files_sha256
     from cllm.formats.onnx_io import is_onnx, read_side_file
+    from cllm.formats.outputs import Kind, check_output
     from cllm.formats.provenance import make_provenance, provenance_id
 
     if target is None:
         raise UsageError("--to bundle needs --target", "e.g. --target rpi5")
     cfg = BundleExportConfig(target=target, gguf_type=gguf_type)
     cfg.validate()
+    if output is not None:  # refused before the input is even hashed
+        check_output(output, Kind.BUNDLE, f"-o {output}")
     spec = read_spec(checkpoint)
     if is_onnx(spec.path):
         ckpt = None
@@ -246,10 +226,12 @@ def _bundle(
     out = output or default_output(
         spec.path, spec.is_alias, spec.text, "export", pid, cfg.extension
     )
+    check = check_output(out, Kind.BUNDLE, f"-o {output}" if output is not None else None)
     if dry_run:
         emit_plan(out, params, use_json(as_json))
         return
-    if _reused(out, pid, "bundle", params, parent_sha, force, output is None, as_json):
+    emit = partial(emit_artifact, out, "bundle", "export", params, parent_sha, use_json(as_json))
+    if claim_output([check], pid, force, output is None, emit):
         return
     prov = make_provenance("export", params, parent_sha, parent_prov, str(source))
     with progress(f"bundle for {target}", None):

@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from cllm.cli._common import (
     DRY_RUN_OPTION,
     FORCE_OPTION,
     JSON_OPTION,
+    claim_output,
     default_output,
     emit_artifact,
     emit_plan,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from cllm.cli.resolve import Spec
     from cllm.core.quantize.sensitivity import SensitivityReport
     from cllm.formats.checkpoint import Checkpoint
+    from cllm.formats.outputs import OutputCheck
 
 
 class Method(str, Enum):
@@ -218,7 +221,7 @@ def _quantize(
     from cllm.cli.resolve import open_spec
     from cllm.core.quantize.api import Target, quantize
     from cllm.core.quantize.methods import AWQConfig, GPTQConfig, MethodConfig, RTNConfig
-    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.outputs import Kind, check_output
     from cllm.formats.provenance import make_provenance, provenance_id
 
     mixed = target_bpw is not None or target_size is not None
@@ -272,9 +275,17 @@ def _quantize(
         cfg = RTNConfig(clip=bool(clip))
     cands = [c.strip().upper() for c in candidates.split(",") if c.strip()]
     grid = None if mixed or sensitivity else target.grid(cfg)  # validates flags before heavy work
+    kind = Kind.GGUF if target_to == "gguf" else Kind.HF_FOLDER
+    if output is not None:  # refused before the input is read or anything is measured
+        if sensitivity:
+            _sensitivity_checks(output, output)
+        else:
+            check_output(output, kind, f"-o {output}")
     ckpt, spec = open_spec(checkpoint)
     if sensitivity:
-        _write_sensitivity(ckpt, spec, cands, calib, sensitivity_chunks, seed, output, as_json)
+        _write_sensitivity(
+            ckpt, spec, cands, calib, sensitivity_chunks, seed, output, force, dry_run, as_json
+        )
         return
     mixed_info: dict[str, object] = {}
     if mixed:
@@ -326,18 +337,15 @@ def _quantize(
     out = output or default_output(
         spec.path, spec.is_alias, spec.text, "quantize", pid, target.extension()
     )
+    check = check_output(out, kind, f"-o {output}" if output is not None else None)
     if dry_run:
         emit_plan(out, params, use_json(as_json))
         return
-    if out.exists() and not force and not resume:
-        try:
-            existing = open_checkpoint(out).provenance or {}
-        except Exception:  # noqa: BLE001 - unreadable means not up to date
-            existing = {}
-        if existing.get("id") == pid:
-            log(f"{out} is up to date (same input and parameters); --force redoes it")
-            emit_artifact(out, target_to, "quantize", params, ckpt.sha256, use_json(as_json))
-            return
+    emit = partial(
+        emit_artifact, out, target_to, "quantize", params, ckpt.sha256, use_json(as_json)
+    )
+    if claim_output([check], pid, force or resume, output is None, emit):
+        return
     from cllm.core.quantize.api import state_dir
     from cllm.core.quantize.store import saved_provenance
 
@@ -461,6 +469,25 @@ def _load_or_measure(
     return report, hashlib.sha256(raw.encode()).hexdigest()
 
 
+def _sensitivity_checks(out: Path, output: Path | None) -> list[OutputCheck]:
+    """The JSON report and the heat map PNG written beside it: both must be free or cllm's
+    own sensitivity outputs."""
+    from cllm.formats.outputs import Kind, check_output
+
+    png = out.with_suffix(".png")
+    if png == out:
+        raise UsageError(
+            f"-o {out}: --sensitivity writes a JSON report there and its heat map beside it as .png",
+            "Give the JSON's name, e.g. -o sens.json",
+        )
+    label = f"-o {output}" if output is not None else None
+    png_label = f"{png} (the heat map beside -o {output})" if output is not None else None
+    return [
+        check_output(out, Kind.SENSITIVITY_JSON, label),
+        check_output(png, Kind.HEATMAP_PNG, png_label),
+    ]
+
+
 def _write_sensitivity(
     ckpt: Checkpoint,
     spec: Spec,
@@ -469,13 +496,18 @@ def _write_sensitivity(
     chunks: int,
     seed: int,
     output: Path | None,
+    force: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
+    """Per-layer KLD as JSON plus a heat map PNG; both carry provenance, so a re-run with the
+    same input and parameters reuses them and a later run knows they are cllm's to replace."""
     import json
 
     from cllm.core.quantize.sensitivity import heatmap_png
     from cllm.formats.atomic import atomic_path
-    from cllm.formats.provenance import provenance_id
+    from cllm.formats.outputs import Kind, mark_png
+    from cllm.formats.provenance import make_provenance, provenance_id
 
     params = {
         "candidates": cands,
@@ -485,15 +517,28 @@ def _write_sensitivity(
     }
     pid = provenance_id(ckpt.sha256, "sensitivity", params)
     out = output or default_output(spec.path, spec.is_alias, spec.text, "sensitivity", pid, ".json")
+    checks = _sensitivity_checks(out, output)
+    png = checks[1].path
+    if dry_run:
+        for path in (out, png):
+            emit_plan(path, params, use_json(as_json))
+        return
+
+    def emit() -> None:
+        for path, fmt in ((out, "json"), (png, "png")):
+            emit_artifact(path, fmt, "sensitivity", params, ckpt.sha256, use_json(as_json))
+
+    if claim_output(checks, pid, force, output is None, emit):
+        return
+    prov = make_provenance("sensitivity", params, ckpt.sha256, ckpt.provenance, str(ckpt.path))
     report = _measure(ckpt, cands, calib, chunks, seed)
-    data = {**report.to_dict(), "model_sha256": ckpt.sha256, "params": params}
-    with atomic_path(out) as tmp:
+    data = {**report.to_dict(), "model_sha256": ckpt.sha256, "params": params, "provenance": prov}
+    with atomic_path(out, Kind.SENSITIVITY_JSON) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    png = out.with_suffix(".png")
-    with atomic_path(png) as tmp:
+    with atomic_path(png, Kind.HEATMAP_PNG) as tmp:
         heatmap_png(report, tmp)
-    for path, fmt in ((out, "json"), (png, "png")):
-        emit_artifact(path, fmt, "sensitivity", params, ckpt.sha256, use_json(as_json))
+        mark_png(tmp, prov)
+    emit()
 
 
 def _after_layer(i: int, n: int, advance: Callable[..., None]) -> None:

@@ -3,6 +3,7 @@
     model.gguf | model.onnx/   the model in the format the board's runtime takes
     manifest.json             model hash and size, provenance, runtime and version, threads
     bench.py                  cllm.standalone.runner, verbatim (stdlib + numpy + the runtime)
+    guard.py                  cllm.standalone.guard, which bench.py imports from beside itself
     run.sh                    runs bench.py with the target's settings; prints cllm.bench/1 JSON
     README.txt                what to install on the board and how to run it
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
+from cllm.standalone import shipped_files
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
@@ -96,13 +98,13 @@ def write_bundle(
     prov: dict[str, Any],
 ) -> dict[str, Any]:
     """The bundle folder, written atomically: nothing at `out` unless every piece is there."""
-    import cllm.standalone.runner as runner
     from cllm.formats.atomic import atomic_path
     from cllm.formats.hashing import artifact_files, files_sha256
+    from cllm.formats.outputs import Kind
 
     board = TARGETS[cfg.target]
     check_expressible(ckpt, cfg)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.BUNDLE) as tmp:
         tmp.mkdir()
         if board.runtime == "llama.cpp":
             model = tmp / "model.gguf"
@@ -110,7 +112,10 @@ def write_bundle(
         else:
             model = tmp / "model.onnx"
             _onnx_into(ckpt, source, model, prov)
-        shutil.copy(runner.__file__, tmp / "bench.py")
+        runner, *beside = shipped_files()  # the runner imports the others from beside itself
+        shutil.copy(runner, tmp / "bench.py")
+        for f in beside:
+            shutil.copy(f, tmp / f.name)
         files = artifact_files(model)
         manifest = {
             "schema": "cllm.bundle/1",

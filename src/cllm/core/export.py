@@ -145,14 +145,16 @@ def _export_onnx(
     """onnxruntime-genai's model builder on a float HF folder (written first when the input is
     GGUF, single-file or packed), then onnxruntime's dynamic int8 quantizer for `int8`."""
     import shutil
-    import tempfile
 
     from cllm.core.onnx_int4 import check_int4_source, packed_scheme, write_exact_int4
     from cllm.formats.atomic import atomic_path
+    from cllm.formats.leftovers import make_temp_dir
     from cllm.formats.onnx_io import MODEL_FILE, check_graph, run_builder, write_provenance
+    from cllm.formats.outputs import Kind
     from cllm.formats.save import plan_tensors, save_hf_folder
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    # owned like atomic_path's temporaries, so one a killed run leaves is cleaned up next time
+    work = make_temp_dir(out, "work-")
     try:
         if _plain_hf_folder(ckpt):
             hf = ckpt.path
@@ -169,7 +171,7 @@ def _export_onnx(
             block = check_int4_source(ckpt, cfg.block_size)  # a packed source keeps its groups
             symmetric = scheme[2] if scheme else True
             extra = {"block_size": str(block), "is_symmetric": str(symmetric).lower()}
-        with atomic_path(out) as tmp:
+        with atomic_path(out, Kind.ONNX) as tmp:
             run_builder(hf, tmp, precision, extra, work / "cache", work / "builder.log")
             if cfg.quant == "int8":
                 _quantize_dynamic_int8(tmp, work)

@@ -156,6 +156,27 @@ class Worker:
             shared.unlink(missing_ok=True)
 
 
+class _Result:
+    """What `run_isolated` builds in the worker: the function's value, computed at init."""
+
+    def __init__(self, func: str, *args: Any) -> None:
+        module, _, name = func.partition(":")
+        self._value = getattr(importlib.import_module(module), name)(*args)
+
+    def value(self) -> Any:
+        return self._value
+
+
+def run_isolated(runtime: str, subject: str, func: str, *args: Any) -> Any:
+    """`func(*args)` (`func` as "module:name") in a worker process: its value, its CllmError
+    as raised, or its crash as NativeCrash."""
+    worker = Worker(runtime, subject, "cllm.core.worker:_Result", func, *args)
+    try:
+        return worker.call("value")
+    finally:
+        worker.close()
+
+
 def _serve(recv: Connection, send: Connection, shared: str) -> None:
     obj: Any = None
     crash_on_call = False

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from cllm.errors import UsageError
 from cllm.formats.atomic import atomic_path
 from cllm.formats.checkpoint import Checkpoint
+from cllm.formats.outputs import Kind
 from cllm.formats.safetensors_io import (
     META_CONFIG,
     META_GGUF_KV,
@@ -102,7 +103,7 @@ def save_single_file(
     }  # tensors written here are dense
     meta[META_CONFIG] = json.dumps(dense, sort_keys=True)
     meta[META_TOKENIZER] = json.dumps(_tokenizer_files(tokenizer_dir), sort_keys=True)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.SAFETENSORS_FILE) as tmp:
         write_safetensors_file(tmp, plans, meta)
     return out
 
@@ -118,7 +119,7 @@ def save_hf_folder(
 ) -> Path:
     """An HF folder transformers loads with from_pretrained (one shard; provenance in its metadata)."""
     meta = _metadata(config, provenance, gguf_kv)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.HF_FOLDER) as tmp:
         tmp.mkdir()
         cfg = dict(config)
         if not keep_quantization_config:
@@ -154,7 +155,7 @@ def save_gguf(
             return t.float().numpy()
 
         plans.append(GGUFTensorPlan(name, info.shape, produce))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.GGUF) as tmp:
         return write_gguf(
             tmp, ckpt.config, plans, gguf_type, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
         )

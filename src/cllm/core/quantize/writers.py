@@ -15,6 +15,7 @@ from cllm.core.quantize.grid import GGUFGrid, GridPlan, IntGrid, grid_for, layer
 from cllm.errors import RuntimeFailure, UsageError
 from cllm.formats.atomic import atomic_path
 from cllm.formats.checkpoint import Checkpoint
+from cllm.formats.outputs import Kind
 from cllm.formats.safetensors_io import PlannedTensor
 
 Progress = Callable[[str], None]
@@ -188,7 +189,7 @@ def write_gguf_recipe(
                 return t
 
         plans.append(GGUFTensorPlan(name, info.shape, produce, tq))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.GGUF) as tmp:
         counts = write_gguf(
             tmp, ckpt.config, plans, file_type, ckpt.tokenizer_dir(), ckpt.gguf_kv, provenance
         )
@@ -253,7 +254,7 @@ def write_gguf_llamacpp(
         ) from exc
     from gguf import GGUFReader
 
-    from cllm.core.native import quiet_stderr
+    from cllm.core.worker import run_isolated
     from cllm.formats.save import save_gguf
 
     ftype_id = (
@@ -270,14 +271,11 @@ def write_gguf_llamacpp(
             f"llama.cpp's {ftype} needs an importance matrix",
             "cllm does not compute one yet; pick another type",
         )
-    with atomic_path(out) as tmp:
+    with atomic_path(out, Kind.GGUF) as tmp:
         f32 = tmp.parent / "input-f32.gguf"
         save_gguf(f32, ckpt, "F32", provenance, progress)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype_id
-        params.nthread = 0
-        with quiet_stderr():
-            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params)
+        rc = run_isolated("llama.cpp's quantizer", f"quantizing to {ftype}",
+                          "cllm.core.native:llama_quantize_file", str(f32), str(tmp), ftype_id)  # fmt: skip
         f32.unlink()
         if rc != 0:
             raise RuntimeFailure(f"llama.cpp's quantizer failed for {ftype} (code {rc})")
