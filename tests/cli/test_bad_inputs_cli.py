@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_export_refuses(
     assert _listing(cases_root / f"export-{name}") == before
 
 
+@pytest.mark.slow  # two full exports per case (about 12 s each); CI runs it with the slow tests
 @pytest.mark.parametrize("name", sorted(NONFINITE))
 def test_export_refuses_nonfinite(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], tmp_path: Path, name: str
@@ -117,6 +119,7 @@ def test_export_refuses_nonfinite(
     _assert_export_refused(cli_env, path, tmp_path, "non-finite", "--gguf-type", "Q4_0")
 
 
+@pytest.mark.slow  # two evals per case (about 18 s each); CI runs it with the slow tests
 @pytest.mark.parametrize("name", sorted(NONFINITE))
 def test_eval_refuses_nonfinite_unless_allowed(
     bad_sources: Sources, cases_root: Path, cli_env: dict[str, str], eval_text: Path, name: str
@@ -142,6 +145,19 @@ TEXT_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CASES))
+def test_bad_calibration_text_is_refused(tiny_model: Path, tmp_path: Path, name: str) -> None:
+    from cllm.core.quantize.calib import load_calibration
+    from cllm.errors import InputError
+
+    data, expect = TEXT_CASES[name]
+    calib = tmp_path / f"{name}.bin"
+    calib.write_bytes(data)
+    with pytest.raises(InputError, match=re.escape(expect)) as err:
+        load_calibration(calib, tiny_model, samples=4, seqlen=32, seed=0)
+    assert f"calibration file {calib}" in err.value.one_line()
+
+
+@pytest.mark.parametrize("name", ["binary"])  # the reported case, end to end; the rest above
 def test_bad_calibration_text_is_one_line(
     tiny_model: Path, cli_env: dict[str, str], tmp_path: Path, name: str
 ) -> None:

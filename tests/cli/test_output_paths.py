@@ -52,7 +52,9 @@ def _one_error_line(p: subprocess.CompletedProcess[str], cmd: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("what", ["folder", "file"])
+# the folder case (the reported data loss) for every writer in the default suite; the file
+# case, the same code path, with the slow tests
+@pytest.mark.parametrize("what", ["folder", pytest.param("file", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(WRITERS))
 def test_foreign_output_path_is_refused_and_left_untouched(
     tiny_model: Path, tmp_path: Path, name: str, what: str
@@ -116,6 +118,7 @@ def test_a_cllm_output_of_the_same_kind_is_rebuilt_or_reused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
+@pytest.mark.slow  # three sensitivity measurements (about 15 s); CI runs the slow tests
 def test_sensitivity_outputs_are_marked_reused_and_a_foreign_png_is_refused(
     tiny_model: Path, tiny_text: Path, tmp_path: Path
 ) -> None:

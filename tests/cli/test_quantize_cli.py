@@ -119,6 +119,7 @@ def test_quantized_input_is_dequantized_with_a_warning(tiny_model: Path, tmp_pat
     assert prov is not None and prov["params"]["input_dequantized_from"] == ["Q8_0"]
 
 
+@pytest.mark.slow  # a sensitivity measurement and two mixed-precision runs (about 25 s)
 def test_sensitivity_then_mixed_precision(
     tiny_model: Path, tiny_text: Path, tmp_path: Path
 ) -> None:
@@ -187,6 +188,7 @@ def test_mixed_precision_bad_arguments(tiny_model: Path, tmp_path: Path) -> None
         assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow  # three GPTQ runs, one killed (about 25 s); CI runs the slow tests
 def test_killed_gptq_run_resumes_to_identical_bytes(
     tiny_model: Path, tiny_text: Path, tmp_path: Path
 ) -> None:

@@ -182,7 +182,7 @@ def _decode_matmulnbits(model_dir: Path, node_name: str) -> np.ndarray:
     return (scales * (q - zero)).reshape(n, -1)[:, :k]
 
 
-@pytest.mark.parametrize("sym", ["--sym", "--asym"])
+@pytest.mark.parametrize("sym", ["--sym", pytest.param("--asym", marks=pytest.mark.slow)])
 def test_int4_export_keeps_cllm_integers_exactly(
     tiny_model: Path, tmp_path: Path, sym: str
 ) -> None:
@@ -235,6 +235,7 @@ def test_info_shows_an_onnx_export_and_its_chain(exports: dict[str, Path]) -> No
     assert rep["file_bytes"] == sum(f.stat().st_size for f in exports["int4"].iterdir())
 
 
+@pytest.mark.slow  # the model builder in a child for a refusal (about 12 s)
 def test_architecture_the_builder_cannot_take(tiny_model: Path, tmp_path: Path) -> None:
     import shutil
 

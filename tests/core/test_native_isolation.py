@@ -25,7 +25,7 @@ CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx512f {extra} avx2\nmodel name\t
 def quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("native")
     out = {}
-    for qtype in ("Q8_0", "Q4_0"):
+    for qtype in ("Q4_0",):
         path = root / f"tiny.{qtype}.gguf"
         run_cli("export", str(tiny_model), "--to", "gguf", "--gguf-type", qtype, "-o", str(path),
                 check=True)  # fmt: skip
@@ -104,7 +104,7 @@ def test_eval_crash_is_one_line(quantized: dict[str, Path], tiny_model: Path, ti
         pytest.importorskip("onnxruntime")
         model = _tiny_onnx_stub(tmp_path, tiny_model)
     else:
-        model = quantized["Q8_0"]
+        model = quantized["Q4_0"]
     p = run_cli("eval", str(model), "-b", backend, "--text", str(tiny_text), "--ctx", "64",
                 "--chunks", "1", env={"CLLM_TEST_CRASH": backend, "NO_COLOR": "1"})  # fmt: skip
     assert p.returncode == 1, p.stderr
@@ -116,7 +116,7 @@ def test_eval_crash_is_one_line(quantized: dict[str, Path], tiny_model: Path, ti
 
 
 def test_bench_crash_is_one_line(quantized: dict[str, Path]) -> None:
-    p = run_cli("bench", str(quantized["Q8_0"]), "--prompt", "8", "--gen", "4", "--repeat", "1",
+    p = run_cli("bench", str(quantized["Q4_0"]), "--prompt", "8", "--gen", "4", "--repeat", "1",
                 env={"CLLM_TEST_CRASH": "llama.cpp"})  # fmt: skip
     assert p.returncode == 1, p.stderr
     last = p.stderr.strip().splitlines()[-1]
