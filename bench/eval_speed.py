@@ -5,8 +5,8 @@ of WikiText-2 are pushed through it, exactly as `cllm eval` does (logits for eve
 position). Prints a table, writes bench/results/eval_speed.json.
 
 llama.cpp runs as `cllm eval` runs it, in a worker process (a crash there is one line from
-cllm, not a dead cllm); each GGUF is also measured in this process, to show what that
-isolation costs (a second table: isolated tok/s over in-process tok/s).
+cllm, not a dead cllm); each GGUF is then also run in this process, alternating with the
+worker round by round, to show what that isolation costs (a second table).
 
     python bench/eval_speed.py --runs 5 --chunks 2
 """
@@ -51,10 +51,6 @@ def main() -> None:
         candidates.append(
             ("llama.cpp", f"{t} GGUF", lambda p=path: LlamaCppBackend(p, args.ctx, args.threads))
         )
-        candidates.append(
-            ("llama.cpp in process", f"{t} GGUF",
-             lambda p=path: LlamaCppSession(str(p), args.ctx, args.threads))
-        )  # fmt: skip
 
     rows, table = [], []
     for backend_name, model, factory in candidates:
@@ -85,19 +81,37 @@ def main() -> None:
         ["backend", "model", "load s", "tok/s median", "tok/s min-max"],
         table,
     )
-    by = {(r["backend"], r["model"]): r["tokens_per_s"]["median"] for r in rows}
-    cost = [
-        [model, f"{by[('llama.cpp', model)]:.0f}", f"{tps:.0f}",
-         f"{by[('llama.cpp', model)] / tps:.3f}"]
-        for (name, model), tps in by.items() if name == "llama.cpp in process"
-    ]  # fmt: skip
+    # isolation cost: the same GGUF in a worker and in this process, alternating round by
+    # round so the machine's drift hits both alike; ratio of the two times per round
+    cost, cost_rows = [], []
+    for t in args.types.split(","):
+        path = tmp / f"smollm2.{t}.gguf"
+        worker = LlamaCppBackend(path, args.ctx, args.threads)
+        local = LlamaCppSession(str(path), args.ctx, args.threads)
+        ratios = []
+        for b in (worker, local):
+            b.logits(chunks[0])  # warm-up
+        for _ in range(args.runs):
+            times = []
+            for b in (worker, local):
+                t0 = time.perf_counter()
+                for c in chunks:
+                    b.logits(c)
+                times.append(time.perf_counter() - t0)
+            ratios.append(times[1] / times[0])  # worker speed relative to in-process
+        worker.close()
+        local.close()
+        r = stats(ratios)
+        cost_rows.append({"model": f"{t} GGUF", "worker_over_in_process_speed": r})
+        cost.append([f"{t} GGUF", f"{r['median']:.3f}", f"{r['min']:.3f}-{r['max']:.3f}"])
     print()
     print_table(
-        "cost of running llama.cpp in a worker process (what cllm eval does)",
-        ["model", "worker tok/s", "in-process tok/s", "ratio"],
+        f"cost of running llama.cpp in a worker process (what cllm eval does), {args.runs} "
+        "alternating rounds",
+        ["model", "worker/in-process speed, median", "min-max"],
         cost,
     )
-    out = write_results("eval_speed", rows, {"params": vars(args), "isolation": cost})
+    out = write_results("eval_speed", rows, {"params": vars(args), "isolation": cost_rows})
     print(f"\nwrote {out}")
 
 
