@@ -86,21 +86,21 @@ def main() -> None:
     cost, cost_rows = [], []
     for t in args.types.split(","):
         path = tmp / f"smollm2.{t}.gguf"
-        worker = LlamaCppBackend(path, args.ctx, args.threads)
-        local = LlamaCppSession(str(path), args.ctx, args.threads)
         ratios = []
-        for b in (worker, local):
-            b.logits(chunks[0])  # warm-up
         for _ in range(args.runs):
             times = []
-            for b in (worker, local):
+            # one llama.cpp instance alive at a time: two loaded side by side slowed each
+            # other, whichever ran
+            for make in (lambda p=path: LlamaCppBackend(p, args.ctx, args.threads),
+                         lambda p=path: LlamaCppSession(str(p), args.ctx, args.threads)):  # fmt: skip
+                b = make()
+                b.logits(chunks[0])  # warm-up
                 t0 = time.perf_counter()
                 for c in chunks:
                     b.logits(c)
                 times.append(time.perf_counter() - t0)
+                b.close()
             ratios.append(times[1] / times[0])  # worker speed relative to in-process
-        worker.close()
-        local.close()
         r = stats(ratios)
         cost_rows.append({"model": f"{t} GGUF", "worker_over_in_process_speed": r})
         cost.append([f"{t} GGUF", f"{r['median']:.3f}", f"{r['min']:.3f}-{r['max']:.3f}"])
