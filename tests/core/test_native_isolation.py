@@ -224,3 +224,42 @@ def test_llama_cpp_quantizer_crash_is_one_line(tiny_model: Path, tmp_path: Path)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     ok = run_cli(*args, check=True)  # and without the crash, the same command works
     assert ok.stdout.strip() == str(out) and out.stat().st_size > 0
+
+
+def test_a_crash_with_amx_buffers_falls_back_once_without_them(
+    quantized: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the CPU lists AMX and the probe passed, yet llama.cpp crashes: eval runs again,
+    once, without the extra buffer types, and says so. The worker stands in for the broken
+    AMX path by dying only while it would load with them."""
+    from cllm.core.eval.backends import LlamaCppBackend
+
+    monkeypatch.setattr(guard, "amx_listed", lambda *_: True)
+    monkeypatch.setattr(guard, "probe_amx", lambda *_, **__: (True, "probe passed (test)"))
+    monkeypatch.setattr(guard, "_decision", None)
+    monkeypatch.setenv("CLLM_TEST_CRASH", "llama.cpp:extra-bufts")
+    monkeypatch.delenv(guard.ENV, raising=False)
+    ids = np.arange(5, 69)
+    import logging
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("cllm").addHandler(handler)
+    backend = LlamaCppBackend(quantized["Q4_0"], ctx=64, threads=2)
+    try:
+        got = backend.logits(ids)
+    finally:
+        backend.close()
+        logging.getLogger("cllm").removeHandler(handler)
+    assert got.shape[0] == 64 and np.isfinite(got).all()
+    assert (
+        len(said) == 1 and "crashed (signal 11 (SIGSEGV))" in said[0] and "CLLM_AMX=off" in said[0]
+    )
+    # forced on by the user: no second guess, the crash is the answer
+    monkeypatch.setenv(guard.ENV, "on")
+    monkeypatch.setattr(guard, "_decision", None)
+    backend = LlamaCppBackend(quantized["Q4_0"], ctx=64, threads=2)
+    with pytest.raises(NativeCrash):
+        backend.logits(ids)
+    backend.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -75,6 +76,21 @@ def warn(message: str) -> None:
     if STATE.quiet:
         return
     err_console().print(f"warning: {message}", style="yellow", markup=False)
+
+
+class _WarnHandler(logging.Handler):
+    """core/ and formats/ never print: what they log as a warning on the "cllm" logger (a
+    fallback taken, a leftover removed) reaches the user as a `warning:` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+def route_library_warnings() -> None:
+    logger = logging.getLogger("cllm")
+    if not any(isinstance(h, _WarnHandler) for h in logger.handlers):
+        logger.addHandler(_WarnHandler(logging.WARNING))
+        logger.propagate = False
 
 
 def progress_enabled() -> bool:

@@ -16,7 +16,8 @@ The worker imports only what the object it serves needs (no torch for llama.cpp 
 onnxruntime), so starting it costs a fraction of a second.
 
 Test hook: with `CLLM_TEST_CRASH=<runtime>` in its environment, a worker for that runtime
-kills itself with SIGSEGV on its first call, as a crashing native kernel would.
+kills itself with SIGSEGV on its first call, as a crashing native kernel would
+(`<runtime>:extra-bufts`: only where llama.cpp would use its extra buffer types).
 """
 
 from __future__ import annotations
@@ -56,7 +57,15 @@ class Worker:
     `runtime` and `subject` name what crashed and what it was doing, for the error message.
     """
 
-    def __init__(self, runtime: str, subject: str, factory: str, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        runtime: str,
+        subject: str,
+        factory: str,
+        *args: Any,
+        worker_env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ):
         self.runtime = runtime
         self.subject = subject
         parent_r, child_w = os.pipe()
@@ -74,6 +83,7 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=None if _debug() else self._log,
+                env=worker_env,
             )
         except OSError:
             self._shared.unlink(missing_ok=True)
@@ -181,6 +191,19 @@ def run_isolated(runtime: str, subject: str, func: str, *args: Any) -> Any:
         worker.close()
 
 
+def _test_crash(runtime: str) -> bool:
+    """The test hook: `CLLM_TEST_CRASH=<runtime>` always, `<runtime>:extra-bufts` only where
+    llama.cpp would load with its extra buffer types (a broken AMX path's signature)."""
+    want = os.environ.get(TEST_CRASH_ENV, "")
+    if want == runtime:
+        return True
+    if want == f"{runtime}:extra-bufts":
+        from cllm.standalone.guard import decide
+
+        return bool(decide()["extra_bufts"])
+    return False
+
+
 class _SharedOut:
     """The worker's side of the shared file: mapped once, grown when an array needs more."""
 
@@ -216,7 +239,7 @@ def _serve(recv: Connection, send: Connection, shared: str) -> None:
                 _, factory, args, kwargs, runtime = message
                 module, _, name = factory.partition(":")
                 obj = getattr(importlib.import_module(module), name)(*args, **kwargs)
-                crash_on_call = os.environ.get(TEST_CRASH_ENV) == runtime
+                crash_on_call = _test_crash(runtime)
                 result: Any = None
             else:
                 if crash_on_call:

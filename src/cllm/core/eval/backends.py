@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cllm.core.native import quiet_stderr
-from cllm.errors import InputError, RuntimeFailure, UsageError
+from cllm.errors import InputError, NativeCrash, RuntimeFailure, UsageError
 from cllm.formats.checkpoint import Checkpoint
 
 BACKENDS = ("torch", "llama.cpp", "onnxruntime")
@@ -163,10 +163,16 @@ class _Isolated:
     name = ""
 
     def __init__(self, runtime: str, path: Path, factory: str, *args: Any) -> None:
+        self.path = Path(path)
+        self._spec = (runtime, factory, args)
+        self.worker: Any = self._start()
+
+    def _start(self, env: dict[str, str] | None = None) -> Any:
         from cllm.core.worker import Worker
 
-        self.path = Path(path)
-        self.worker: Any = Worker(runtime, f"evaluating {path}", factory, str(path), *args)
+        runtime, factory, args = self._spec
+        subject = f"evaluating {self.path}"
+        return Worker(runtime, subject, factory, str(self.path), *args, worker_env=env)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return self.worker.call("logits", np.asarray(tokens, dtype=np.int64))
@@ -183,9 +189,38 @@ class LlamaCppBackend(_Isolated):
     name = "llama.cpp"
 
     def __init__(self, gguf_path: Path, ctx: int, threads: int | None = None) -> None:
-        super().__init__(
-            "llama.cpp", gguf_path, "cllm.core.eval.backends:LlamaCppSession", ctx, threads
+        self._retried = False
+        try:
+            super().__init__(
+                "llama.cpp", gguf_path, "cllm.core.eval.backends:LlamaCppSession", ctx, threads
+            )
+        except NativeCrash as exc:
+            self.worker = self._without_extra_bufts(exc)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        try:
+            return super().logits(tokens)
+        except NativeCrash as exc:
+            self.worker = self._without_extra_bufts(exc)
+            return super().logits(tokens)
+
+    def _without_extra_bufts(self, crash: NativeCrash) -> Any:
+        """Where the CPU lists AMX and the probe let llama.cpp use it, a crash is most likely
+        that path failing after all: run again once without the extra buffer types, and say
+        so. Anywhere else (or a second time, or a choice the user forced) the crash stands."""
+        from cllm.standalone.guard import ENV, decide
+
+        d = decide()
+        if self._retried or not (d["amx_listed"] and d["extra_bufts"]) or d["setting"] != "auto":
+            raise crash
+        self._retried = True
+        logging.getLogger("cllm").warning(
+            "%s; running llama.cpp again without its AMX / extra CPU buffer types "
+            "(set %s=off to go straight there on this machine)",
+            crash.message,
+            ENV,
         )
+        return self._start({**os.environ, ENV: "off"})
 
 
 def check_finite(ckpt: Checkpoint) -> None:
