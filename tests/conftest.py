@@ -134,3 +134,22 @@ def assert_transformers_matches_cllm(folder: Path) -> object:
     with torch.no_grad():
         assert torch.equal(theirs(ids).logits, ours(ids).logits)
     return theirs
+
+
+def start_atomic_writer(dest: Path) -> subprocess.Popen[str]:
+    """A child process in the middle of writing `dest` through atomic_path (it has written
+    part and sleeps); the caller kills it, as `kill -9` would a real run."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from cllm.formats.atomic import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_bytes(b'partial')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "writing"
+    return child

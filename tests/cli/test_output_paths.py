@@ -11,12 +11,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_atomic_writer
 
 MODEL = "{model}"
 WRITERS = {
@@ -145,23 +144,9 @@ def test_sensitivity_outputs_are_marked_reused_and_a_foreign_png_is_refused(
 
 def _killed_writer_leftover(dest: Path) -> tuple[Path, int]:
     """Start writing `dest` through atomic_path in a child, SIGKILL it mid-write."""
-    code = (
-        "import sys, time\n"
-        "from pathlib import Path\n"
-        "from cllm.formats.atomic import atomic_path\n"
-        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
-        "    tmp.write_bytes(b'partial')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(120)\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "writing"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+    child = start_atomic_writer(dest)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
     (left,) = [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.")]
     return left, child.pid
 

@@ -24,6 +24,7 @@ from cllm.formats.leftovers import (
 )
 from cllm.formats.outputs import Kind, check_output, inspect_output, mark_png, png_text
 from cllm.formats.provenance import make_provenance
+from tests.conftest import start_atomic_writer
 
 
 def _prov(op: str = "export", **params: object) -> dict:
@@ -232,20 +233,8 @@ def test_a_killed_writer_leaves_a_temporary_the_next_write_removes(
 ) -> None:
     """A real SIGKILL in the middle of atomic_path, then the next write to the same path."""
     dest = tmp_path / "out.bin"
-    code = (
-        "import sys, time\n"
-        "from pathlib import Path\n"
-        "from cllm.formats.atomic import atomic_path\n"
-        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
-        "    tmp.write_bytes(b'partial')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(120)\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True
-    )
+    child = start_atomic_writer(dest)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "writing"
         stale = stale_temporaries(dest)
         assert stale == []  # its owner is alive: not touched
         left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.bin.")]

@@ -90,7 +90,6 @@ def route_library_warnings() -> None:
     logger = logging.getLogger("cllm")
     if not any(isinstance(h, _WarnHandler) for h in logger.handlers):
         logger.addHandler(_WarnHandler(logging.WARNING))
-        logger.propagate = False
 
 
 def progress_enabled() -> bool:

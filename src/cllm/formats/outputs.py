@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cllm.errors import UsageError
+from cllm.formats.checkpoint import parse_json_object
 
 PROVENANCE_KEY = "cllm.provenance"  # the same key in GGUF, safetensors and the PNG text chunk
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,7 +171,7 @@ def _inspect_file(path: Path) -> Existing | None:
 def _inspect_png(path: Path) -> Existing | None:
     text = png_text(path).get(PROVENANCE_KEY)
     if text is not None:
-        prov = _parse_object(text)
+        prov = parse_json_object(text)
         return Existing(Kind.HEATMAP_PNG, prov or {})
     # a heat map from before PNGs were marked: cllm's when the JSON it was written beside is
     sibling = inspect_output(path.with_suffix(".json"))
@@ -189,16 +190,6 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _parse_object(raw: Any) -> dict[str, Any] | None:
-    if not isinstance(raw, str):
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _safetensors_provenance(path: Path) -> dict[str, Any] | None:
     from cllm.errors import InputError
     from cllm.formats.safetensors_io import read_header
@@ -207,7 +198,7 @@ def _safetensors_provenance(path: Path) -> dict[str, Any] | None:
         meta = read_header(path).metadata
     except InputError:
         return None
-    return _parse_object(meta.get(PROVENANCE_KEY))
+    return parse_json_object(meta.get(PROVENANCE_KEY))
 
 
 def _gguf_provenance(path: Path) -> dict[str, Any] | None:
@@ -234,7 +225,7 @@ def _gguf_provenance(path: Path) -> dict[str, Any] | None:
                 vtype = cur.unpack("<I", f"type of key {key}")
                 value = _skip_value(cur, vtype, key)
                 if key == PROVENANCE_KEY:
-                    return _parse_object(value)
+                    return parse_json_object(value)
         except InputError:
             return None
         finally:
