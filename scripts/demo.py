@@ -1,7 +1,8 @@
 """`make demo`: the main job on the default model, as a user would run it from a shell.
 
 Converts the embedded SmolLM2-135M, exports Q8_0 and Q4_0 GGUFs, quantizes it with
-llama.cpp's Q4_K_M recipe and with GPTQ onto the Q4_0 and Q5_0 grids, evaluates the base
+llama.cpp's Q4_K_M recipe and with GPTQ onto the Q4_0 and Q5_0 grids, prunes it to 2:4
+with SparseGPT and quantizes that with GPTQ to Q4_0 (zeros kept), evaluates the base
 (torch) and every GGUF (llama.cpp) with KL divergence against the base, then prints one
 size / perplexity / KLD table. Then it exports an int4 ONNX decoder and ends with one
 `cllm bench` speed table of the base against the compressed outputs. DEMO_CHUNKS sets how
@@ -103,6 +104,13 @@ def main() -> None:
                 out,
             ],
         )
+
+    # prune -> quantize -> eval: 2:4 SparseGPT, then GPTQ on Q4_0 holding the zeros fixed
+    pruned = cllm("prune", "smollm2-135m", "--method", "sparsegpt", "--pattern", "2:4", *CALIB,
+                  "-o", str(OUT / "smollm2-135m.sparsegpt-2of4"))  # fmt: skip
+    out = str(OUT / "smollm2-135m.sparsegpt-2of4.Q4_0-gptq.gguf")
+    add("2:4 SparseGPT, then Q4_0 GPTQ", ["quantize", pruned.strip(), "--method", "gptq",
+                                          "--gguf-type", "Q4_0", *CALIB, "-o", out])  # fmt: skip
 
     proto = base["protocol"]
     table = Table(

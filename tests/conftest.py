@@ -42,7 +42,7 @@ def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
     """16 calibration windows of 64 tokens from the tiny text (GPTQ/AWQ tests)."""
-    from cllm.core.quantize.calib import load_calibration
+    from cllm.core.calib import load_calibration
     from cllm.formats.checkpoint import open_checkpoint
 
     return load_calibration(

@@ -146,7 +146,7 @@ TEXT_CASES = {
 
 @pytest.mark.parametrize("name", sorted(TEXT_CASES))
 def test_bad_calibration_text_is_refused(tiny_model: Path, tmp_path: Path, name: str) -> None:
-    from cllm.core.quantize.calib import load_calibration
+    from cllm.core.calib import load_calibration
     from cllm.errors import InputError
 
     data, expect = TEXT_CASES[name]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cllm.core.calib import load_calibration
 from cllm.core.quantize.api import Target, quantize, state_dir
-from cllm.core.quantize.calib import load_calibration
 from cllm.core.quantize.methods import GPTQConfig, RTNConfig
 from cllm.errors import InputError, UsageError
 from cllm.formats.checkpoint import open_checkpoint

@@ -22,6 +22,7 @@ from cllm.cli.bench import bench_cmd
 from cllm.cli.eval import eval_cmd
 from cllm.cli.export import export_cmd
 from cllm.cli.info import info
+from cllm.cli.prune import prune_cmd
 from cllm.cli.quantize import quantize_cmd
 from cllm.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -86,6 +87,7 @@ app.command("info")(info)
 app.command("eval")(eval_cmd)
 app.command("export")(export_cmd)
 app.command("quantize")(quantize_cmd)
+app.command("prune")(prune_cmd)
 app.command("bench")(bench_cmd)
 
 

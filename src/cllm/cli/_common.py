@@ -15,15 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from cllm.errors import EXIT_INTERRUPTED, CllmError
-
-if TYPE_CHECKING:
-    from cllm.formats.outputs import OutputCheck
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,17 +76,49 @@ def warn(message: str) -> None:
 
 
 class _WarnHandler(logging.Handler):
-    """core/ and formats/ never print: what they log as a warning on the "cllm" logger (a
-    fallback taken, a leftover removed) reaches the user as a `warning:` line on stderr."""
+    """core/ and formats/ never print: what they log on the "cllm" logger reaches the user on
+    stderr, warnings (a fallback taken, a leftover removed) as `warning:` lines, info (an
+    alias converted on first use) as status lines."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        warn(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            warn(record.getMessage())
+        else:
+            log(record.getMessage())
 
 
 def route_library_warnings() -> None:
     logger = logging.getLogger("cllm")
+    logger.setLevel(logging.INFO)
     if not any(isinstance(h, _WarnHandler) for h in logger.handlers):
-        logger.addHandler(_WarnHandler(logging.WARNING))
+        logger.addHandler(_WarnHandler(logging.INFO))
+
+
+class CliEvents:
+    """What core's job pipeline shows the user: status lines, warnings, progress bars."""
+
+    def log(self, message: str, level: int = 0) -> None:
+        log(message, level)
+
+    def warn(self, message: str) -> None:
+        warn(message)
+
+    def progress(self, description: str, total: int | None) -> Any:
+        return progress(description, total)
+
+
+EVENTS = CliEvents()
+
+
+def emit_result(result: Any, as_json: bool) -> None:
+    """stdout for a `JobResult`: the planned paths (--dry-run), or each artifact's record."""
+    for art in result.artifacts:
+        if result.status == "planned":
+            emit_plan(art.path, result.params, as_json)
+        else:
+            emit_artifact(
+                art.path, art.fmt, result.op, result.params, result.parent_sha256, as_json
+            )
 
 
 def progress_enabled() -> bool:
@@ -209,19 +238,6 @@ def handle_errors(cmd: str) -> Callable[[F], F]:
     return deco
 
 
-def default_output(
-    spec_path: Path, is_alias: bool, alias: str, op: str, digest: str, ext: str
-) -> Path:
-    """`<stem>.<op>-<hash>.<ext>` beside the input (in the current folder for an alias)."""
-    if is_alias:
-        return Path.cwd() / f"{alias}.{op}-{digest[:8]}{ext}"
-    stem = spec_path.name
-    for suffix in (".safetensors", ".gguf"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return spec_path.parent / f"{stem}.{op}-{digest[:8]}{ext}"
-
-
 JSON_OPTION = typer.Option(False, "--json", help="Write machine-readable JSON (NDJSON) to stdout.")
 FORCE_OPTION = typer.Option(
     False, "--force", "-f", help="Redo the work even if an identical output exists."
@@ -229,31 +245,26 @@ FORCE_OPTION = typer.Option(
 DRY_RUN_OPTION = typer.Option(False, "--dry-run", help="Print the planned output path and exit.")
 
 
+# calibration options every calibrated method shares (quantize's and prune's)
+CALIB_OPTION = typer.Option(
+    None,
+    "--calib",
+    help="Calibration text [default: $CLLM_DATA_DIR/calibration/wikitext-2-valid.tokens].",
+)
+CALIB_SAMPLES_OPTION = typer.Option(128, "--calib-samples", help="Calibration sequences.")
+CALIB_SEQLEN_OPTION = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sequence.")
+SEED_OPTION = typer.Option(0, "--seed", help="Seed for choosing calibration windows.")
+CALIB_DTYPE_OPTION = typer.Option(
+    "auto",
+    "--calib-dtype",
+    help="Calibration forward passes in auto (bf16 where the CPU has it), fp32 or bf16.",
+)
+SENSITIVITY_CHUNKS_OPTION = typer.Option(
+    2, "--sensitivity-chunks", help="512-token chunks of calibration text per measurement."
+)
+
+
 def output_option(default_name: str) -> Any:
     return typer.Option(
         None, "--output", "-o", help=f"Output path [default: {default_name} beside the input]."
     )
-
-
-def claim_output(
-    checks: list[OutputCheck], pid: str, force: bool, named: bool, emit: Callable[[], None]
-) -> bool:
-    """After --dry-run, before the work: clear what killed runs left beside the outputs, then
-    apply the Make-friendly rule. True when every output is there and up to date (printed
-    again, no work); cllm outputs of the same kind made otherwise are rebuilt, with a warning
-    when cllm chose the name. (`check_output` has already refused anything cllm may not
-    replace.)"""
-    from cllm.formats.leftovers import describe_leftover, remove_stale_temporaries
-
-    for check in checks:
-        for left in remove_stale_temporaries(check.path):
-            warn(describe_leftover(left))
-    if not force and all(check.up_to_date(pid) for check in checks):
-        for check in checks:
-            log(f"{check.path} is up to date (same input and parameters); --force redoes it")
-        emit()
-        return True
-    for check in checks:
-        if named and check.exists and not check.up_to_date(pid):
-            warn(f"{check.path} exists with other provenance; overwriting")
-    return False

@@ -87,10 +87,8 @@ def _bench(
 ) -> None:
     from pathlib import Path
 
-    from cllm.cli.resolve import read_spec
     from cllm.core.bench import BenchConfig, run_child, runnable, weight_bytes_per_token
-    from cllm.formats.checkpoint import open_checkpoint
-    from cllm.formats.onnx_io import is_onnx
+    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
 
     if csv and use_json(as_json):
         raise UsageError("give --csv or --json, not both")
@@ -108,11 +106,10 @@ def _bench(
         raise UsageError("--remote-python, --ssh-option and --identity apply to --remote only")
     jobs = []
     for arg in checkpoints:  # resolve everything before the first (slow) run
-        spec = read_spec(arg)
-        ckpt = None if is_onnx(spec.path) else open_checkpoint(spec.text)
-        path = Path(spec.text) if ckpt is None else ckpt.path
-        chosen, target = runnable(path, ckpt, backend)
-        jobs.append((spec.text, chosen, target, ckpt))
+        src = resolve_input(arg, accept=(CHECKPOINT, ONNX))
+        ckpt = src.checkpoint
+        chosen, target = runnable(src.location, ckpt, backend)
+        jobs.append((src.text, chosen, target, ckpt))
     records = []
     for i, (name, chosen, target, ckpt) in enumerate(jobs):
         where = f" on {host.dest}" if host else ""

@@ -99,26 +99,21 @@ def _eval(
     allow_nonfinite: bool,
     as_json: bool,
 ) -> None:
-    from cllm.cli.resolve import open_spec
     from cllm.core.eval.perplexity import EvalConfig
     from cllm.core.eval.run import run_eval
+    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
     from cllm.paths import default_eval_text
 
     text_path = text or default_eval_text()
-    from cllm.cli.resolve import read_spec
-    from cllm.formats.onnx_io import OnnxCheckpoint, is_onnx
-
-    spec = read_spec(checkpoint)
+    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX))
     model: Any
-    if is_onnx(spec.path):  # torch cannot run a graph: an ONNX export goes to onnxruntime
-        model = OnnxCheckpoint(spec.path)
+    if src.kind == ONNX:  # torch cannot run a graph: an ONNX export goes to onnxruntime
+        model = src.onnx
         if backend == "torch":
             backend = "onnxruntime"
     else:
-        from cllm.formats.checkpoint import open_checkpoint
-
-        model = open_checkpoint(spec.text)
-    base = open_spec(kld_base)[0] if kld_base else None
+        model = src.checkpoint
+    base = resolve_input(kld_base).checkpoint if kld_base else None
     cfg = EvalConfig(text=str(text_path), ctx=ctx, chunks=chunks, backend=backend, threads=threads)
     total = chunks
     with progress("evaluating", total) as advance:

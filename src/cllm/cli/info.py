@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, out_console, progress, use_json
+
+if TYPE_CHECKING:
+    from cllm.core.info import InfoReport
 
 
 def _human_bytes(n: float) -> str:
@@ -48,17 +53,19 @@ def info(
 
 @handle_errors("info")
 def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
-    from cllm.cli.resolve import read_spec
     from cllm.core.info import inspect_checkpoint, inspect_folder_artifact
+    from cllm.formats.inputs import BUNDLE, CHECKPOINT, ONNX, require_checkpoint, resolve_input
 
-    spec = read_spec(checkpoint)
-    folder = inspect_folder_artifact(spec.path)  # an ONNX export or an edge bundle
-    if folder is not None:
+    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX, BUNDLE))
+    if src.kind != CHECKPOINT:
+        folder = inspect_folder_artifact(src.path)
+        if folder is None:  # resolve_input recognised it, so it changed since
+            from cllm.errors import InputError
+
+            raise InputError(f"{src.path} is no longer an ONNX export or bundle")
         _print_folder(folder, use_json(as_json))
         return
-    from cllm.formats.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(spec.text)
+    ckpt = require_checkpoint(src)
     n = len(ckpt.tensor_infos())
     with progress("reading tensors", n if sparsity else 0) as advance:
         report = inspect_checkpoint(ckpt, sparsity=sparsity, on_tensor=lambda _n: advance())
@@ -89,6 +96,7 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
             if report.sparsity is None
             else f"{report.sparsity * 100:.2f}% exact zeros",
         ),
+        *_sparsity_rows(report),
         ("sha256", str(report.sha256)),
     ]
     for k, v in rows:
@@ -113,6 +121,33 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
         con.print(prov)
     else:
         con.print("provenance: none recorded (not made by cllm)")
+
+
+def _sparsity_rows(report: InfoReport) -> list[tuple[str, str]]:
+    """Linear-weight sparsity, its N:M pattern and the per-layer spread, in two rows: the
+    spread is what shows a non-uniform (OWL, --layers) prune at a glance; -v lists every layer."""
+    from statistics import median
+
+    from cllm.cli._common import STATE
+
+    linear, layers, pattern = report.linear_sparsity, report.sparsity_layers, report.nm_pattern
+    if linear is None:
+        return []
+    shape = f"{pattern} pattern" if pattern else "no N:M pattern"
+    rows = [("linear sparsity", f"{linear * 100:.2f}% ({shape})")]
+    if layers:
+        pct = [v * 100 for v in layers]
+        if STATE.verbose:
+            spread = " ".join(f"{v:.1f}%" for v in pct)
+        elif max(pct) - min(pct) < 0.005:
+            spread = f"{pct[0]:.2f}% in each of {len(pct)} layers"
+        else:
+            spread = (  # fits an 80-column table
+                f"min {min(pct):.2f} / median {median(pct):.2f} / max {max(pct):.2f}% "
+                f"(-v lists all {len(pct)})"
+            )
+        rows.append(("per layer", spread))
+    return rows
 
 
 def _print_folder(report: dict, as_json: bool) -> None:

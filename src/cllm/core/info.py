@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cllm.formats.checkpoint import Checkpoint
 from cllm.formats.provenance import chain
@@ -37,9 +40,90 @@ class InfoReport:
     sparsity: float | None
     sha256: str | None
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    # over the linear weights of decoder layers only (what pruning and quantization touch)
+    linear_sparsity: float | None = None
+    sparsity_layers: list[float] | None = None  # per decoder layer, over its linear weights
+    nm_pattern: str | None = None  # e.g. "2:4" when every linear weight follows it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class SparsityCounter:
+    """Exact zeros, counted tensor by tensor as they stream past (one tensor in memory).
+
+    Besides the overall count it keeps, for the linear weights of decoder layers, zeros per
+    layer and, per group size M, the most nonzeros of any group of M consecutive inputs:
+    enough to name an N:M pattern at the end without a second pass.
+    """
+
+    def __init__(self, n_layers: int | None) -> None:
+        self.zeros = 0
+        self.params = 0
+        self.layer_zeros = [0] * (n_layers or 0)
+        self.layer_params = [0] * (n_layers or 0)
+        self.max_nonzeros: dict[int, int] | None = None  # None until a linear weight is seen
+
+    def add(self, name: str, t: Any) -> None:
+        from cllm.core.quantize.sparsity import max_nonzeros_per_group, nonzero_array
+
+        nz = nonzero_array(t)
+        zeros = int(nz.size - np.count_nonzero(nz))
+        self.zeros += zeros
+        self.params += nz.size
+        layer = _linear_layer(name, nz.ndim)
+        if layer is None:
+            return
+        if layer >= len(self.layer_zeros):
+            grow = layer + 1 - len(self.layer_zeros)
+            self.layer_zeros += [0] * grow
+            self.layer_params += [0] * grow
+        self.layer_zeros[layer] += zeros
+        self.layer_params[layer] += nz.size
+        groups = max_nonzeros_per_group(nz)
+        if self.max_nonzeros is None:
+            self.max_nonzeros = groups
+        else:  # an M some weight's rows cannot be tiled by drops out
+            self.max_nonzeros = {
+                m: max(n, groups[m]) for m, n in self.max_nonzeros.items() if m in groups
+            }
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+    @property
+    def linear_sparsity(self) -> float | None:
+        total = sum(self.layer_params)
+        return sum(self.layer_zeros) / total if total else None
+
+    @property
+    def layers(self) -> list[float]:
+        return [
+            z / p if p else 0.0 for z, p in zip(self.layer_zeros, self.layer_params, strict=True)
+        ]
+
+    @property
+    def nm_pattern(self) -> str | None:
+        from cllm.core.quantize.sparsity import nm_pattern
+
+        linear = self.linear_sparsity
+        if linear is None or not self.max_nonzeros:
+            return None
+        return nm_pattern(self.max_nonzeros, linear)
+
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _linear_layer(name: str, ndim: int) -> int | None:
+    """The decoder layer of a linear weight (what `cllm quantize` and `cllm prune` select)."""
+    from cllm.core.quantize.methods import LINEAR_RE
+
+    if ndim != 2 or not LINEAR_RE.search(name):
+        return None
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def inspect_checkpoint(
@@ -53,7 +137,7 @@ def inspect_checkpoint(
     types: dict[str, TypeStat] = {}
     params = 0
     tensor_bytes = 0
-    zeros = 0
+    counter = SparsityCounter(cfg.get("num_hidden_layers")) if sparsity else None
     for name, info in ckpt.tensor_infos().items():
         st = types.setdefault(info.dtype, TypeStat())
         st.tensors += 1
@@ -61,9 +145,8 @@ def inspect_checkpoint(
         st.bytes += info.nbytes
         params += info.numel
         tensor_bytes += info.nbytes
-        if sparsity:
-            t = ckpt.get(name)
-            zeros += int((t == 0).sum())
+        if counter is not None:
+            counter.add(name, ckpt.get(name))
             if on_tensor:
                 on_tensor(name)
     return InfoReport(
@@ -81,7 +164,7 @@ def inspect_checkpoint(
         file_bytes=ckpt.file_size,
         bits_per_weight=(tensor_bytes * 8 / params) if params else 0.0,
         types=dict(sorted(types.items(), key=lambda kv: -kv[1].params)),
-        sparsity=(zeros / params if params else 0.0) if sparsity else None,
+        sparsity=counter.sparsity if counter is not None else None,
         sha256=ckpt.sha256 if with_hash else None,
         provenance=[
             {k: p.get(k) for k in ("op", "params", "created", "command", "calibration", "seed")}
@@ -91,6 +174,9 @@ def inspect_checkpoint(
             }
             for p in chain(ckpt.provenance)
         ],
+        linear_sparsity=counter.linear_sparsity if counter is not None else None,
+        sparsity_layers=counter.layers if counter is not None else None,
+        nm_pattern=counter.nm_pattern if counter is not None else None,
     )
 
 

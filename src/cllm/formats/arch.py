@@ -1,8 +1,11 @@
-"""Architecture knowledge shared by the GGUF reader and writer.
+"""Architecture knowledge shared by the GGUF reader and writer and by structural pruning.
 
 One `ArchSpec` per model family maps GGUF tensor names and hyperparameters to
-transformers' names and config keys. Only `llama` is registered so far; a new
-family adds one spec here and nothing else changes.
+transformers' names and config keys, and (`ArchSpec.structure`) says which axis of
+which tensor holds each attention head, KV head, FFN channel and hidden channel and
+how decoder-layer tensors are named, so width and depth pruning need no model
+knowledge of their own. Only `llama` is registered so far; a new family adds one
+spec here and nothing else changes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,143 @@ def _rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class UnitAxes:
+    """Where one kind of prunable unit lives: (tensor, axis) pairs.
+
+    Unit k occupies entries [k*size, (k+1)*size) along the axis of every listed tensor
+    (size is 1 for channels, head_dim for heads), so removing a unit means removing
+    those entries from all of them at once: anything less leaves shapes that disagree.
+    Tensors a checkpoint lacks (biases of a bias-free model, a tied lm_head) are skipped.
+    """
+
+    block: tuple[tuple[str, int], ...] = ()  # suffix under a decoder layer's prefix, axis
+    globals_: tuple[tuple[str, int], ...] = ()  # full tensor name outside the layers, axis
+
+    def block_axis(self, suffix: str) -> int | None:
+        return next((axis for s, axis in self.block if s == suffix), None)
+
+    def global_axis(self, name: str) -> int | None:
+        return next((axis for n, axis in self.globals_ if n == name), None)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What width and depth pruning need to know about a decoder-only family.
+
+    The `*_tap` entries name the modules (relative to a decoder layer) whose inputs or
+    outputs carry one value per unit, which is where activation importance is measured.
+    """
+
+    layer_prefix: str  # decoder layer i's tensors are named f"{layer_prefix}{i}.<suffix>"
+    layers_key: str  # config key of the layer count
+    per_layer_keys: tuple[str, ...]  # config lists holding one entry per layer
+    hidden_key: str
+    ffn_key: str
+    heads_key: str
+    kv_heads_key: str
+    head_dim_key: str
+    norm_eps_key: str
+    ffn_channels: UnitAxes
+    query_heads: UnitAxes  # units of head_dim rows/columns
+    kv_heads: UnitAxes  # units of head_dim rows
+    hidden_channels: UnitAxes
+    norms: UnitAxes  # the RMSNorm weights (a subset of hidden_channels)
+    ffn_tap: str  # its input is act(gate) * up: one value per FFN channel
+    head_tap: (
+        str  # its input is the heads' outputs side by side; its weight's columns map them back
+    )
+    norm_taps: tuple[str, ...]  # modules whose outputs are normalised hidden states
+    final_norm: str  # module name of the norm after the last layer
+    # transformers 5's LlamaConfig refuses a hidden_size that is not a multiple of
+    # num_attention_heads ("The hidden size (518) is not a multiple of the number of attention
+    # heads (9)"), even with head_dim given explicitly, so width pruning must keep it one
+    hidden_multiple_of_heads: bool = False
+
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        """(layer index, suffix) of a decoder-layer tensor; None for any other tensor."""
+        m = re.fullmatch(re.escape(self.layer_prefix) + r"(\d+)\.(.+)", name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def layer_tensor(self, i: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{i}.{suffix}"
+
+    def renumbered(self, name: str, new_index: dict[int, int]) -> str | None:
+        """The name `name` takes when layers are renumbered by `new_index` (old -> new);
+        None for a tensor of a layer that is not kept. Non-layer tensors keep their name."""
+        where = self.layer_of(name)
+        if where is None:
+            return name
+        i, suffix = where
+        return self.layer_tensor(new_index[i], suffix) if i in new_index else None
+
+
+_LLAMA_STRUCTURE = Structure(
+    layer_prefix="model.layers.",
+    layers_key="num_hidden_layers",
+    per_layer_keys=("layer_types",),
+    hidden_key="hidden_size",
+    ffn_key="intermediate_size",
+    heads_key="num_attention_heads",
+    kv_heads_key="num_key_value_heads",
+    head_dim_key="head_dim",
+    norm_eps_key="rms_norm_eps",
+    ffn_channels=UnitAxes(
+        block=(
+            ("mlp.gate_proj.weight", 0),
+            ("mlp.up_proj.weight", 0),
+            ("mlp.gate_proj.bias", 0),
+            ("mlp.up_proj.bias", 0),
+            ("mlp.down_proj.weight", 1),
+        )
+    ),
+    query_heads=UnitAxes(
+        block=(
+            ("self_attn.q_proj.weight", 0),
+            ("self_attn.q_proj.bias", 0),
+            ("self_attn.o_proj.weight", 1),
+        )
+    ),
+    kv_heads=UnitAxes(
+        block=(
+            ("self_attn.k_proj.weight", 0),
+            ("self_attn.v_proj.weight", 0),
+            ("self_attn.k_proj.bias", 0),
+            ("self_attn.v_proj.bias", 0),
+        )
+    ),
+    hidden_channels=UnitAxes(
+        block=(
+            ("input_layernorm.weight", 0),
+            ("post_attention_layernorm.weight", 0),
+            ("self_attn.q_proj.weight", 1),
+            ("self_attn.k_proj.weight", 1),
+            ("self_attn.v_proj.weight", 1),
+            ("self_attn.o_proj.weight", 0),
+            ("self_attn.o_proj.bias", 0),
+            ("mlp.gate_proj.weight", 1),
+            ("mlp.up_proj.weight", 1),
+            ("mlp.down_proj.weight", 0),
+            ("mlp.down_proj.bias", 0),
+        ),
+        globals_=(
+            ("model.embed_tokens.weight", 1),
+            ("model.norm.weight", 0),
+            ("lm_head.weight", 1),
+        ),
+    ),
+    norms=UnitAxes(
+        block=(("input_layernorm.weight", 0), ("post_attention_layernorm.weight", 0)),
+        globals_=(("model.norm.weight", 0),),
+    ),
+    ffn_tap="mlp.down_proj",
+    head_tap="self_attn.o_proj",
+    norm_taps=("input_layernorm", "post_attention_layernorm"),
+    final_norm="model.norm",
+    hidden_multiple_of_heads=True,
+)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     gguf_arch: str
     hf_architecture: str
@@ -60,6 +200,7 @@ class ArchSpec:
     # tensors that need a row permutation between HF and GGUF: suffix -> config key of head count
     permuted: dict[str, str] = field(default_factory=dict)
     ignored_gguf: tuple[str, ...] = ()
+    structure: Structure | None = None  # None: width/depth pruning not supported
 
     def hf_name(self, gguf_name: str) -> str | None:
         if gguf_name in self.globals_:
@@ -108,6 +249,7 @@ LLAMA = ArchSpec(
         "self_attn.k_proj.bias": "num_key_value_heads",
     },
     ignored_gguf=("rope_freqs.weight",),
+    structure=_LLAMA_STRUCTURE,
 )
 
 ARCHS: dict[str, ArchSpec] = {"llama": LLAMA}
@@ -132,6 +274,19 @@ def spec_for_config(config: dict[str, Any]) -> ArchSpec:
         f"model type '{mt or '?'}' cannot be written as GGUF yet",
         "Supported: " + ", ".join(sorted(_BY_MODEL_TYPE)),
     )
+
+
+def structure_for_config(config: dict[str, Any]) -> Structure:
+    """The tensor layout pruning works on; a family without one is refused up front."""
+    mt = str(config.get("model_type", ""))
+    spec = _BY_MODEL_TYPE.get(mt)
+    if spec is None or spec.structure is None:
+        known = sorted(a.model_type for a in ARCHS.values() if a.structure is not None)
+        raise InputError(
+            f"model type '{mt or '?'}' cannot be pruned structurally yet",
+            "Supported: " + ", ".join(known),
+        )
+    return spec.structure
 
 
 # -- hyperparameters --------------------------------------------------------

@@ -9,16 +9,17 @@ from typing import Any
 
 import torch
 
-from cllm.core.quantize.awq import AWQConfig, run_awq
+import cllm.core.quantize.gptq_layerwise  # noqa: F401 - registers GPTQ
+from cllm.core.job import state_dir
 from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, Grid, IntGrid
 from cllm.core.quantize.methods import (
-    GPTQConfig,
     MethodConfig,
     RTNConfig,
     check_divisible,
     loadable_group_size,
     select_tensors,
 )
+from cllm.core.quantize.registry import QUANTIZERS, QuantContext
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -96,23 +97,16 @@ def quantize(
     """Run the method and write the output. Returns a report (types used, tensors quantized)."""
     names = select_tensors(ckpt, target.keep)
     if target.layer_types is not None:
-        return _quantize_mixed(
-            ckpt, method, target, names, out, provenance, resume, progress, on_layer, calibration
-        )
-    grid = target.grid(method)
-    if grid is None:  # RTN to a llama.cpp type
-        from cllm.core.quantize import writers
-        from cllm.formats.gguf_io import WRITABLE_TYPES
-
-        gtype = str(target.gguf_type).upper()
-        if gtype in WRITABLE_TYPES and gtype not in ("F32", "F16", "BF16"):
-            # the same blocks llama.cpp writes, streamed by cllm: memory stays near one tensor
-            report = writers.write_gguf_rtn(out, ckpt, names, gtype, provenance, progress)
-        else:  # K-quants, IQ and float types: llama.cpp's own quantizer and recipes
-            report = writers.write_gguf_llamacpp(out, ckpt, gtype, provenance, progress)
+        plan, types = _mixed_plan(ckpt, target, names)
+        grid: Any = plan
+    else:
+        grid = target.grid(method)
+    if grid is None or (target.layer_types is not None and _plain_rtn(method)):
+        # llama.cpp's block layouts, streamed by cllm or made by llama.cpp itself
+        report = _write_rtn_gguf(ckpt, target, names, out, provenance, progress)
         report["quantized_tensors"] = len(names)
         return report
-    check_divisible(ckpt, names, grid)
+    check_divisible(ckpt, names, grid[0] if isinstance(grid, dict) else grid)
     notes: dict[str, Any] = {}
     if isinstance(grid, IntGrid) and not target.fake:
         usable = loadable_group_size(ckpt, names, grid.group_size)
@@ -123,93 +117,68 @@ def quantize(
                 f"used {'per-channel' if usable == -1 else usable} (--fake keeps {grid.group_size} with a shorter last group)"
             )
             grid = IntGrid(grid.bits, usable, grid.symmetric)
-    layered = isinstance(method, (GPTQConfig, AWQConfig))
-    if isinstance(method, (GPTQConfig, AWQConfig)):
-        from cllm.core.quantize.store import LayerStateStore
-
-        method.validate()
-        if calibration is None:
-            raise UsageError(f"{method.method.upper()} needs calibration data")
-        store: Any = LayerStateStore(state_dir(out), provenance["id"], names, provenance)
-        if isinstance(method, AWQConfig):
-            run_awq(ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer)
-        else:
-            from cllm.core.quantize.gptq_layerwise import run_gptq
-
-            run_gptq(
-                ckpt, grid, names, method, calibration, store, resume=resume, on_layer=on_layer
-            )
-    else:
-        from cllm.core.quantize.store import RTNStore
-
-        store = RTNStore(ckpt, grid, names, clip=isinstance(method, RTNConfig) and method.clip)
+    method.validate()
+    if method.needs_calibration() and calibration is None:
+        raise UsageError(f"{method.method.upper()} needs calibration data")
+    ctx = QuantContext(calibration, state_dir(out), provenance["id"], provenance, resume, on_layer)
+    store = QUANTIZERS.handler_for(method)(ckpt, grid, names, method, ctx)
     from cllm.core.quantize import writers
 
-    if isinstance(grid, GGUFGrid):
+    if isinstance(grid, (dict, GGUFGrid)):
         report = writers.write_gguf_grid(out, ckpt, store, names, grid, provenance, progress)
     elif target.fake:
         report = writers.write_fake(out, ckpt, store, names, provenance, progress)
     else:
         report = writers.write_packed(out, ckpt, store, names, grid, provenance, progress)
-    if layered:
+    if hasattr(store, "cleanup"):
         store.cleanup()
     report["quantized_tensors"] = len(names)
+    if target.layer_types is not None:
+        report["layer_types"] = types
     report.update(notes)
     return report
 
 
-def _quantize_mixed(
+def _plain_rtn(method: MethodConfig) -> bool:
+    return isinstance(method, RTNConfig) and not method.clip
+
+
+def _write_rtn_gguf(
     ckpt: Checkpoint,
-    method: MethodConfig,
     target: Target,
     names: list[str],
     out: Path,
     provenance: dict[str, Any],
-    resume: bool,
     progress: Progress | None,
-    on_layer: Callable[[int, int], None] | None,
-    calibration: Any,
 ) -> dict[str, Any]:
-    """A GGUF whose decoder layers use different block types (from `plan_layer_types`)."""
     from cllm.core.quantize import writers
     from cllm.core.quantize.grid import layer_of
+    from cllm.formats.gguf_io import WRITABLE_TYPES
 
+    if target.layer_types is not None:
+        per_name = {n: target.layer_types[layer_of(n)] for n in names}
+        report = writers.write_gguf_rtn(out, ckpt, names, per_name, provenance, progress)
+        report["layer_types"] = list(target.layer_types)
+        return report
+    gtype = str(target.gguf_type).upper()
+    if gtype in WRITABLE_TYPES and gtype not in ("F32", "F16", "BF16"):
+        # the same blocks llama.cpp writes, streamed by cllm: memory stays near one tensor
+        return writers.write_gguf_rtn(out, ckpt, names, gtype, provenance, progress)
+    # K-quants, IQ and float types: llama.cpp's own quantizer and recipes
+    return writers.write_gguf_llamacpp(out, ckpt, gtype, provenance, progress)
+
+
+def _mixed_plan(
+    ckpt: Checkpoint, target: Target, names: list[str]
+) -> tuple[dict[int, GGUFGrid], list[str]]:
+    """A GGUF whose decoder layers use different block types (from `plan_layer_types`)."""
     if target.to != "gguf":
         raise UsageError("mixed precision writes GGUF", "Add --to gguf")
     types = list(target.layer_types or [])
     n_layers = int(ckpt.config.get("num_hidden_layers", 0))
     if len(types) != n_layers:
         raise UsageError(f"{len(types)} layer types given for {n_layers} layers")
-    plan = {i: GGUFGrid(t) for i, t in enumerate(types)}
-    check_divisible(ckpt, names, plan[0])
-    if isinstance(method, RTNConfig) and method.clip:
-        from cllm.core.quantize.store import RTNStore
-
-        rtn = RTNStore(ckpt, plan, names, clip=True)
-        report = writers.write_gguf_grid(out, ckpt, rtn, names, plan, provenance, progress)
-    elif isinstance(method, RTNConfig):
-        per_name = {n: types[layer_of(n)] for n in names}
-        report = writers.write_gguf_rtn(out, ckpt, names, per_name, provenance, progress)
-    else:
-        from cllm.core.quantize.store import LayerStateStore
-
-        method.validate()
-        if calibration is None:
-            raise UsageError(f"{method.method.upper()} needs calibration data")
-        store = LayerStateStore(state_dir(out), provenance["id"], names, provenance)
-        if isinstance(method, AWQConfig):
-            run_awq(ckpt, plan, names, method, calibration, store, resume=resume, on_layer=on_layer)
-        else:
-            from cllm.core.quantize.gptq_layerwise import run_gptq
-
-            run_gptq(
-                ckpt, plan, names, method, calibration, store, resume=resume, on_layer=on_layer
-            )
-        report = writers.write_gguf_grid(out, ckpt, store, names, plan, provenance, progress)
-        store.cleanup()
-    report["quantized_tensors"] = len(names)
-    report["layer_types"] = types
-    return report
+    return {i: GGUFGrid(t) for i, t in enumerate(types)}, types
 
 
 def fixed_gguf_bytes(ckpt: Checkpoint, names: list[str]) -> int:
@@ -282,11 +251,6 @@ def plan_layer_types(
         sum(p * TYPE_BPW[t] for p, t in zip(report.layer_params, types, strict=True)) / params
     )
     return types, {"budget_bits": budget, "bits_per_weight": achieved}
-
-
-def state_dir(out: Path) -> Path:
-    out = Path(out)
-    return out.parent / f".{out.name}.cllm-state"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cllm.core.calib import CalibrationOptions
 from cllm.core.quantize.grid import Grid, GridPlan, dequantize_groups, grid_for, quantize_rtn
+from cllm.core.quantize.registry import QUANTIZERS, QuantContext
 from cllm.errors import RuntimeFailure, UsageError
 
 if TYPE_CHECKING:
-    from cllm.core.quantize.calib import Calibration
+    from cllm.core.calib import Calibration
     from cllm.core.quantize.gptq import HessianAccumulator
     from cllm.core.quantize.layerwise import LayerRunner
     from cllm.core.quantize.methods import QuantResult
@@ -37,17 +39,11 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AWQConfig:
+class AWQConfig(CalibrationOptions):
     """AWQ scale search on calibration activations, then RTN or GPTQ on the scaled weights."""
 
     grid_points: int = 20  # alpha in {0, 1/n, ..., (n-1)/n}
     then: str = "rtn"  # rtn | gptq: what quantizes the scaled weights
-    calib: str | None = None
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    compute_dtype: str = "auto"  # calibration forward passes: auto | fp32 | bf16
     damp: float = 0.01  # then=gptq only
     act_order: bool = False  # then=gptq only
     method: str = field(default="awq", init=False)
@@ -69,7 +65,11 @@ class AWQConfig:
                 "--act-order applies to GPTQ",
                 "Add --awq-then gptq to quantize AWQ's weights with GPTQ",
             )
+        self.check_calibration()
         check_calibrated_options(self.compute_dtype, self.damp)
+
+    def needs_calibration(self) -> bool:
+        return True
 
 
 # -- the scale search ---------------------------------------------------------------
@@ -260,6 +260,7 @@ def awq_layer(
     """Search, fold and quantize one decoder layer in place (its modules end up quantized)."""
     from cllm.core.quantize.gptq import gptq_quantize
     from cllm.core.quantize.methods import QuantResult
+    from cllm.core.quantize.sparsity import MaskPolicy
 
     groups = layer_groups(layer)
     mods = dict(layer.named_modules())
@@ -311,6 +312,9 @@ def awq_layer(
         if prefix + k not in wanted and not torch.equal(v, original[k])
     }
 
+    # folding multiplies columns (divides rows) by s > 0, so a pruned input's zeros are still
+    # where they were: GPTQ must hold them, RTN on a grid with an exact zero keeps them anyway
+    masks = MaskPolicy(getattr(runner, "ckpt", None))
     results: dict[str, QuantResult] = {}
     for g in groups:
         s = scales.get(g.producer)
@@ -325,7 +329,10 @@ def awq_layer(
                 H = stats[g.producer].hessian.H
                 if s is not None:  # the scaled layer's inputs are x / s
                     H = H / (s[:, None] * s[None, :])
-                res = gptq_quantize(m.weight.data, H, grid, act_order=cfg.act_order, damp=cfg.damp)
+                mask = masks.mask(name, m.weight.data)
+                res = gptq_quantize(
+                    m.weight.data, H, grid, act_order=cfg.act_order, damp=cfg.damp, mask=mask
+                )
                 results[name] = QuantResult(res.codes, res.scales, res.zeros, group)
                 m.weight.data = res.weight
             else:
@@ -366,3 +373,14 @@ def run_awq(
         ckpt, calib.ids, store, work, batch_size=cfg.batch_size, compute_dtype=cfg.compute_dtype,
         resume=resume, on_layer=on_layer,
     )  # fmt: skip
+
+
+@QUANTIZERS.register("awq", AWQConfig)
+def awq_store(
+    ckpt: Checkpoint, grid: GridPlan, names: list[str], cfg: AWQConfig, ctx: QuantContext
+) -> LayerStateStore:
+    from cllm.core.quantize.store import LayerStateStore
+
+    assert ctx.state_dir is not None
+    store = LayerStateStore(ctx.state_dir, ctx.job_id, names, ctx.provenance)
+    return run_awq(ckpt, grid, names, cfg, ctx.calibration, store, ctx.resume, ctx.on_layer)

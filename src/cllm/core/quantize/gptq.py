@@ -1,6 +1,6 @@
-"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each
-column's rounding error onto the not-yet-quantized columns through the inverse
-Hessian of the layer's inputs, so the layer's *output* error is minimised.
+"""GPTQ (Frantar et al., 2022): the OBS sweep (`cllm.core.obs`) with a rounding step, so
+each column's rounding error is pushed onto the not-yet-quantized columns through the
+inverse Hessian of the layer's inputs and the layer's *output* error is minimised.
 
 Works on any `Grid`, so the same code produces packed int weights or the exact
 blocks of a llama.cpp type.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cllm.core.obs import inverse_hessian_factor, obs_sweep, prepare_hessian
 from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams, fit_clipped
 from cllm.errors import RuntimeFailure
 
@@ -74,6 +75,7 @@ def gptq_quantize(
     damp: float = 0.01,
     blocksize: int = 128,
     clip: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize `W` [rows, cols] given the input Hessian `H` [cols, cols].
 
@@ -82,88 +84,89 @@ def gptq_quantize(
     columns are visited by decreasing Hessian diagonal, and group scales are
     fitted up front on the original weights ("static groups") so groups stay
     contiguous in the stored layout. `clip` searches each group's range for the lowest
-    rounding error (see `fit_clipped`) instead of taking its min and max.
+    rounding error (see `fit_clipped`) instead of taking its min and max. `mask` (1 keeps,
+    0 prunes) holds a sparse input's zeros at zero while the rest is rounded, and keeps them
+    out of the group scale fits.
     """
-    W = W.detach().float().clone()
     rows, cols = W.shape
     g = grid.group_width(cols)
     if cols % g and isinstance(grid, GGUFGrid):
         raise RuntimeFailure(f"row length {cols} is not a multiple of the {grid.qtype} block of 32")
-    n_groups = -(-cols // g)  # a shorter last group when g does not divide cols
-    blocksize = (
-        max(blocksize // g, 1) * g
-    )  # a block holds whole groups, so a group never waits on lazy updates
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    # a block holds whole groups, so a group never waits on lazy updates
+    blocksize = max(blocksize // g, 1) * g
+    W, H = prepare_hessian(W, H, 0.0)  # dead columns zeroed; damping comes after the permutation
+    if mask is not None:
+        W = W * mask
 
-    static: list[GroupParams] | None = None
+    rule = _RoundingRule(grid, g, rows, cols, clip, mask)
     perm: torch.Tensor | None = None
     invperm: torch.Tensor | None = None
     if act_order:
-        static = _static_groups(W, grid, g, clip)
+        rule.static = _static_groups(W, grid, g, clip)
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
         invperm = torch.argsort(perm)
+        rule.perm = perm
+        if mask is not None:
+            rule.mask = mask[:, perm]
 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_inverse(L)
-        Hinv = torch.linalg.cholesky(Hinv, upper=True)
-    except RuntimeError as exc:  # not positive definite even after damping
-        raise RuntimeFailure(
-            "GPTQ: the Hessian is not positive definite",
-            "Raise --damp or use more calibration samples",
-        ) from exc
-
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    current: GroupParams | None = None
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        C1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if static is not None:
-                assert perm is not None
-                gi = int(perm[col]) // g
-                p = static[gi]
-            else:
-                gi = col // g
-                if col % g == 0:
-                    # the group as updated by the error feedback so far
-                    current = fit_clipped(grid, W1[:, i : i + g], clip)
-                assert current is not None
-                p = current
-            q = grid.quantize(w.unsqueeze(1), p)
-            deq = grid.dequantize(q, p)[:, 0]
-            scales[:, gi] = p.scale[:, 0]
-            zeros[:, gi] = p.zero[:, 0]
-            C1[:, i] = q[:, 0]
-            Q1[:, i] = deq
-            err = (w - deq) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        codes[:, i1:i2] = C1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
+    Hinv = inverse_hessian_factor(H)
+    Q = obs_sweep(W, Hinv, rule, blocksize)
+    codes = rule.codes
     if invperm is not None:
         Q = Q[:, invperm]
         codes = codes[:, invperm]
-    return GPTQResult(codes, scales, zeros, Q)
+    return GPTQResult(codes, rule.scales, rule.zeros, Q)
+
+
+class _RoundingRule:
+    """GPTQ's step of the OBS sweep: round the column to the grid (and, with a fixed sparsity
+    mask, keep pruned weights at exactly zero, as SparseGPT's joint mode does)."""
+
+    def __init__(
+        self, grid: Grid, g: int, rows: int, cols: int, clip: bool, mask: torch.Tensor | None
+    ) -> None:
+        self.grid, self.g, self.clip, self.mask = grid, g, clip, mask
+        n_groups = -(-cols // g)  # a shorter last group when g does not divide cols
+        self.codes = torch.zeros(rows, cols)
+        self.scales = torch.zeros(rows, n_groups)
+        self.zeros = torch.zeros(rows, n_groups)
+        self.static: list[GroupParams] | None = None
+        self.perm: torch.Tensor | None = None
+        self.current: GroupParams | None = None
+
+    def begin_block(self, i1: int, W1: torch.Tensor, Hinv1: torch.Tensor) -> None:
+        pass
+
+    def column(self, col: int, i: int, W1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        if self.static is not None:
+            assert self.perm is not None
+            gi = int(self.perm[col]) // g
+            p = self.static[gi]
+        else:
+            gi = col // g
+            if col % g == 0:
+                # the group as updated by the error feedback so far
+                group = W1[:, i : i + g]
+                if self.mask is not None:
+                    group = group * self.mask[:, col : col + g]
+                self.current = fit_clipped(self.grid, group, self.clip)
+            assert self.current is not None
+            p = self.current
+        w = W1[:, i]
+        if self.mask is not None:
+            w = w * self.mask[:, col]
+        q = self.grid.quantize(w.unsqueeze(1), p)
+        # on a symmetric grid a pruned weight (0) rounds to exactly 0; grids without an exact
+        # zero cannot keep it (the caller warns), and codes must stay what they dequantize to
+        deq = self.grid.dequantize(q, p)[:, 0]
+        self.scales[:, gi] = p.scale[:, 0]
+        self.zeros[:, gi] = p.zero[:, 0]
+        self.codes[:, col] = q[:, 0]
+        return deq
 
 
 def _static_groups(W: torch.Tensor, grid: Grid, g: int, clip: bool) -> list[GroupParams]:

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from cllm.core.calib import CalibrationOptions
 from cllm.core.quantize.awq import AWQConfig
 from cllm.core.quantize.grid import GGUFGrid, Grid
+from cllm.core.quantize.registry import QUANTIZERS, QuantContext
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -46,28 +48,42 @@ class RTNConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def validate(self) -> None:
+        pass
+
+    def needs_calibration(self) -> bool:
+        return False
+
+
+@QUANTIZERS.register("rtn", RTNConfig)
+def rtn_store(
+    ckpt: Checkpoint, grid: Any, names: list[str], cfg: RTNConfig, ctx: QuantContext
+) -> Any:
+    """Nothing to compute up front: the store rounds each tensor when the writer asks."""
+    from cllm.core.quantize.store import RTNStore
+
+    return RTNStore(ckpt, grid, names, clip=cfg.clip)
+
 
 @dataclass
-class GPTQConfig:
+class GPTQConfig(CalibrationOptions):
     """GPTQ with a Hessian from calibration activations, layer by layer."""
 
     act_order: bool = True
     damp: float = 0.01
     blocksize: int = 128
     clip: bool = False  # search each group's range for the lowest rounding error
-    calib: str | None = None
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    compute_dtype: str = "auto"  # calibration forward passes: auto | fp32 | bf16
     method: str = field(default="gptq", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self) -> None:
+        self.check_calibration()
         check_calibrated_options(self.compute_dtype, self.damp)
+
+    def needs_calibration(self) -> bool:
+        return True
 
 
 def check_calibrated_options(compute_dtype: str, damp: float) -> None:
@@ -84,14 +100,20 @@ MethodConfig = RTNConfig | GPTQConfig | AWQConfig
 Progress = Callable[[str], None]
 
 
-def select_tensors(ckpt: Checkpoint, keep: list[str]) -> list[str]:
-    """Linear weights of decoder layers, minus those matching any --keep regex."""
+def keep_patterns(keep: list[str]) -> list[re.Pattern[str]]:
+    """--keep regexes (quantize's and prune's), refused one by one when malformed."""
     pats = []
     for k in keep:
         try:
             pats.append(re.compile(k))
         except re.error as exc:
             raise UsageError(f"--keep {k!r} is not a valid regular expression ({exc})") from exc
+    return pats
+
+
+def select_tensors(ckpt: Checkpoint, keep: list[str]) -> list[str]:
+    """Linear weights of decoder layers, minus those matching any --keep regex."""
+    pats = keep_patterns(keep)
     names = [n for n, i in ckpt.tensor_infos().items() if LINEAR_RE.search(n) and len(i.shape) == 2]
     return [n for n in names if not any(p.search(n) for p in pats)]
 

@@ -1,9 +1,8 @@
 """Per-layer sensitivity to quantization, and bit allocation under a budget.
 
 Sensitivity of layer i at type t = mean KL divergence (base || model) over the scored
-positions of a few evaluation chunks, when only layer i's Linear weights are rounded to t.
-Hidden states entering every layer are cached from one base pass, so each measurement
-only re-runs the layers from i onwards.
+positions of a few calibration chunks, when only layer i's Linear weights are rounded to t
+(measured by `cllm.core.sensitivity.kld_map`).
 
 Allocation picks one type per layer to minimise the summed sensitivity under a bit
 budget (a multiple-choice knapsack, solved greedily by best KLD saved per extra bit,
@@ -17,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, GroupParams, quantize_rtn
+from cllm.core.sensitivity import heatmap, kld_map, layer_linears
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 
@@ -43,12 +42,16 @@ class SensitivityReport:
         return cls(**{k: d[k] for k in ("candidates", "layers", "kld", "layer_params", "protocol")})
 
 
-def _layer_linears(model: Any, i: int) -> dict[str, torch.nn.Linear]:
-    layer = model.model.layers[i]
-    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+def check_candidates(candidates: list[str]) -> None:
+    if not candidates:
+        raise UsageError("--candidates is empty", "e.g. --candidates Q4_0,Q5_0,Q8_0")
+    for c in candidates:
+        if c not in GGUF_GRIDS:
+            raise UsageError(
+                f"sensitivity candidate {c} is not supported", "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"
+            )
 
 
-@torch.inference_mode()
 def measure_sensitivity(
     ckpt: Checkpoint,
     chunks: list[np.ndarray],
@@ -57,65 +60,28 @@ def measure_sensitivity(
 ) -> SensitivityReport:
     from cllm.core.eval.backends import build_torch_model
 
-    for c in candidates:
-        if c not in GGUF_GRIDS:
-            raise UsageError(
-                f"sensitivity candidate {c} is not supported", "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"
-            )
+    check_candidates(candidates)
     model = build_torch_model(ckpt)
-    layers = model.model.layers
-    n_layers = len(layers)
-    ctx = len(chunks[0])
-    first = ctx // 2
-    ids = torch.as_tensor(np.stack(chunks)).long()
-    captured: list[torch.Tensor] = []
+    params = [sum(m.weight.numel() for m in layer_linears(model, i).values())
+              for i in range(len(model.model.layers))]  # fmt: skip
 
-    def grab(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
-    try:
-        base_logits = model(input_ids=ids, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    base_lp = torch.log_softmax(base_logits[:, first : ctx - 1].float(), dim=-1)
-    base_p = base_lp.exp()
-    pos = torch.arange(ctx)[None]
-    pe = model.model.rotary_emb(captured[0], pos)
-
-    def tail_kld(i: int) -> float:
-        x = captured[i]
-        for layer in layers[i:]:
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            x = y[0] if isinstance(y, tuple) else y
-        logits = model.lm_head(model.model.norm(x))
-        lp = torch.log_softmax(logits[:, first : ctx - 1].float(), dim=-1)
-        return float((base_p * (base_lp - lp)).sum(-1).mean())
-
-    kld = [[0.0] * len(candidates) for _ in range(n_layers)]
-    params = []
-    total = n_layers * len(candidates)
-    step = 0
-    for i in range(n_layers):
-        linears = _layer_linears(model, i)
-        originals = {n: m.weight.data.clone() for n, m in linears.items()}
-        params.append(sum(w.numel() for w in originals.values()))
-        for j, c in enumerate(candidates):
-            grid = GGUFGrid(c)
-            for n, m in linears.items():
-                codes, scales, zeros = quantize_rtn(originals[n], grid)
-                per_col = GroupParams(
-                    scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1)
-                )
-                m.weight.data = grid.dequantize(codes, per_col)
-            kld[i][j] = tail_kld(i)
-            step += 1
-            if on_step:
-                on_step(step, total)
+    def round_layer(model: Any, i: int, column: str, _probe: Any) -> Callable[[], None]:
+        grid = GGUFGrid(column)
+        linears = layer_linears(model, i)
+        originals = {n: m.weight.data for n, m in linears.items()}
         for n, m in linears.items():
-            m.weight.data = originals[n]
-    return SensitivityReport(list(candidates), n_layers, kld, params)
+            codes, scales, zeros = quantize_rtn(originals[n], grid)
+            per_col = GroupParams(scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1))
+            m.weight.data = grid.dequantize(codes, per_col)
+
+        def restore() -> None:
+            for n, m in linears.items():
+                m.weight.data = originals[n]
+
+        return restore
+
+    kld = kld_map(ckpt, chunks, list(candidates), round_layer, on_step, model=model)
+    return SensitivityReport(list(candidates), len(params), kld, params)
 
 
 def allocate(report: SensitivityReport, budget_bits: float) -> list[str]:
@@ -151,21 +117,6 @@ def allocate(report: SensitivityReport, budget_bits: float) -> list[str]:
 
 
 def heatmap_png(report: SensitivityReport, path: Any) -> None:
-    """Layers x types heat map of log10 KLD (matplotlib, imported only here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = np.log10(np.maximum(np.array(report.kld), 1e-8))
-    fig, ax = plt.subplots(figsize=(2 + 1.1 * len(report.candidates), 1.5 + 0.22 * report.layers))
-    im = ax.imshow(data, aspect="auto", cmap="magma_r")
-    ax.set_xticks(range(len(report.candidates)), report.candidates)
-    ax.set_yticks(range(report.layers), [str(i) for i in range(report.layers)], fontsize=7)
-    ax.set_xlabel("type")
-    ax.set_ylabel("layer")
-    ax.set_title("KLD when only this layer is quantized (log10)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    heatmap(
+        report.kld, report.candidates, "type", "KLD when only this layer is quantized (log10)", path
+    )

@@ -1,4 +1,5 @@
-"""Calibration data: N windows of L tokens from a plain-text file, chosen by a seeded RNG."""
+"""Calibration data (N windows of L tokens from a plain-text file, chosen by a seeded RNG) and
+the options every calibrated method shares, quantize's and prune's alike."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cllm.errors import InputError
+from cllm.errors import InputError, UsageError
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,39 @@ class Calibration:
             "seqlen": int(self.ids.shape[1]),
             "seed": self.seed,
         }
+
+
+@dataclass
+class CalibrationOptions:
+    """The calibration fields of every calibrated method's config (GPTQ, AWQ, Wanda, SparseGPT,
+    structured and depth pruning): one set of flags, one meaning, one provenance record."""
+
+    calib: str | None = None  # plain-text file; None = the shipped WikiText-2 validation text
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    compute_dtype: str = "auto"  # calibration forward passes: auto | fp32 | bf16
+
+    def check_calibration(self) -> None:
+        if self.compute_dtype not in ("auto", "fp32", "bf16"):
+            raise UsageError(
+                f"--calib-dtype {self.compute_dtype} is not supported", "Use auto, fp32 or bf16"
+            )
+        if self.calib_samples < 1 or self.calib_seqlen < 8:
+            raise UsageError(
+                f"--calib-samples {self.calib_samples} / --calib-seqlen {self.calib_seqlen} are too small",
+                "Use at least 1 sample of 8 tokens",
+            )
+
+    def load_calibration(self, tokenizer_dir: Path) -> Calibration:
+        return load_calibration(
+            Path(self.calib) if self.calib else default_calibration_file(),
+            tokenizer_dir,
+            self.calib_samples,
+            self.calib_seqlen,
+            self.seed,
+        )
 
 
 def default_calibration_file() -> Path:

@@ -1,0 +1,1 @@
+"""Pruning methods. Importing the package registers the built-in ones in `PRUNERS`."""

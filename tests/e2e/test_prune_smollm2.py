@@ -1,0 +1,90 @@
+"""cllm prune on the real SmolLM2-135M (slow): the method orderings the benchmark targets,
+and pruned outputs that the deployment paths (llama.cpp, onnxruntime, quantize) take."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+CALIB = ["--calib-samples", "16", "--calib-seqlen", "256"]
+
+
+def _kld(path: Path | str, backend: str = "torch", chunks: str = "4") -> float:
+    p = run_cli("eval", str(path), "-b", backend, "--chunks", chunks, "--kld-base",
+                "smollm2-135m", "--json", check=True)  # fmt: skip
+    return json.loads(p.stdout)["kld"]["mean"]
+
+
+def _prune(tmp_path: Path, name: str, *flags: str) -> str:
+    return run_cli(
+        "prune", "smollm2-135m", *flags, "-o", str(tmp_path / name), check=True
+    ).stdout.strip()
+
+
+def test_unstructured_orderings(smollm2: Path, tmp_path: Path) -> None:
+    """50%: Wanda at most half of magnitude's KLD and SparseGPT at most Wanda's; 2:4 the same
+    order (the benchmark's targets, on a smaller calibration set and fewer chunks)."""
+    k = {}
+    for label, flags in (
+        ("mag50", ["--method", "magnitude", "--sparsity", "0.5"]),
+        ("wanda50", ["--method", "wanda", "--sparsity", "0.5", *CALIB]),
+        ("sgpt50", ["--method", "sparsegpt", "--sparsity", "0.5", *CALIB]),
+        ("mag24", ["--method", "magnitude", "--pattern", "2:4"]),
+        ("wanda24", ["--method", "wanda", "--pattern", "2:4", *CALIB]),
+        ("sgpt24", ["--method", "sparsegpt", "--pattern", "2:4", *CALIB]),
+    ):
+        k[label] = _kld(_prune(tmp_path, label, *flags))
+    assert k["wanda50"] <= 0.5 * k["mag50"], k
+    assert k["sgpt50"] <= k["wanda50"], k
+    assert k["wanda24"] <= 0.5 * k["mag24"], k
+    assert k["sgpt24"] <= k["wanda24"], k
+    info = json.loads(run_cli("info", str(tmp_path / "sgpt24"), "--json", check=True).stdout)
+    assert info["nm_pattern"] == "2:4"
+
+
+def test_depth_by_block_influence_beats_dropping_the_last_layers(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    bi = _prune(tmp_path, "bi", "--drop-layers", "4", "--layer-metric", "block-influence", *CALIB)
+    last = _prune(tmp_path, "last", "--drop-layers", "4", "--layer-metric", "last")
+    assert _kld(bi) < _kld(last)
+    cfg = json.loads((Path(bi) / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 26
+
+
+def test_structured_mlp_output_deploys_to_llamacpp_and_onnx(smollm2: Path, tmp_path: Path) -> None:
+    out = _prune(tmp_path, "mlp", "--structured", "mlp", "--ratio", "0.25", *CALIB)
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["intermediate_size"] == 1152 and cfg["hidden_size"] == 576
+    base_params = json.loads(run_cli("info", "smollm2-135m", "--json", "--no-sparsity").stdout)
+    params = json.loads(run_cli("info", out, "--json", "--no-sparsity").stdout)["params"]
+    removed = 30 * 3 * 576 * 384  # gate, up, down lose 384 channels in each of 30 layers
+    assert base_params["params"] - params == removed
+    q = run_cli("quantize", out, "--gguf-type", "Q4_0", "-o", str(tmp_path / "mlp.Q4_0.gguf"),
+                check=True).stdout.strip()  # fmt: skip
+    k_llama = _kld(q, backend="llama.cpp", chunks="2")
+    k_torch = _kld(out, chunks="2")
+    assert k_llama < k_torch + 0.2, (k_llama, k_torch)  # Q4_0 adds a little to the pruning's KLD
+    onnx = run_cli("export", out, "--to", "onnx", "-o", str(tmp_path / "mlp.onnx"),
+                   check=True).stdout.strip()  # fmt: skip
+    assert abs(_kld(onnx, backend="onnxruntime", chunks="2") - k_torch) < 0.01
+
+
+def test_sparse_model_stays_sparse_through_quantize_q4_0(smollm2: Path, tmp_path: Path) -> None:
+    from cllm.formats.checkpoint import open_checkpoint
+
+    pruned = _prune(tmp_path, "w", "--method", "wanda", "--pattern", "2:4", *CALIB)
+    q = run_cli("quantize", pruned, "--method", "gptq", "--gguf-type", "Q4_0", *CALIB,
+                "-o", str(tmp_path / "w.Q4_0.gguf"), check=True).stdout.strip()  # fmt: skip
+    src, out = open_checkpoint(pruned), open_checkpoint(q)
+    for name in ("model.layers.3.mlp.down_proj.weight", "model.layers.17.self_attn.q_proj.weight"):
+        zero = src.get(name).numpy() == 0
+        assert zero.mean() == 0.5
+        assert np.all(out.get(name).numpy()[zero] == 0), name
