@@ -105,3 +105,13 @@ def cllm(*args: str) -> tuple[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"cllm {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout.strip(), time.perf_counter() - t0
+
+
+def size_of(path: str) -> int:
+    """Bytes of a file, or of every file in an output folder."""
+    p = Path(path)
+    return (
+        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        if p.is_dir()
+        else p.stat().st_size
+    )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cllm, print_table, stats, write_results  # noqa: E402
+from _common import cllm, print_table, size_of, stats, write_results  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers"
 PEER_PYTHON = PEERS / "llmcompressor" / ".venv" / "bin" / "python"
@@ -45,15 +45,6 @@ def kld_of(path: str, chunks: int) -> dict[str, Any]:
 def params_of(path: str) -> int:
     out, _ = cllm("info", path, "--json", "--no-sparsity")
     return int(json.loads(out)["params"])
-
-
-def size_of(path: str) -> int:
-    p = Path(path)
-    return (
-        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        if p.is_dir()
-        else p.stat().st_size
-    )
 
 
 def peer_run(base_hf: str, ids: Path, method: str, sparsity: str, pattern: str | None,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cllm, print_table, stats, write_results  # noqa: E402
+from _common import cllm, print_table, size_of, stats, write_results  # noqa: E402
 
 LLAMACPP_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q3_K_M", "Q4_0", "Q2_K"]
 
@@ -39,15 +39,6 @@ def evaluate(path: str, backend: str, chunks: int) -> dict:
         "--json",
     )
     return json.loads(out)
-
-
-def size_of(path: str) -> int:
-    p = Path(path)
-    return (
-        sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        if p.is_dir()
-        else p.stat().st_size
-    )
 
 
 def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> float:
