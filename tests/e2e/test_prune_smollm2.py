@@ -88,5 +88,6 @@ def test_sparse_model_stays_sparse_through_quantize_q4_0(smollm2: Path, tmp_path
     src, out = open_checkpoint(pruned), open_checkpoint(q)
     for name in ("model.layers.3.mlp.down_proj.weight", "model.layers.17.self_attn.q_proj.weight"):
         zero = src.get(name).numpy() == 0
-        assert zero.mean() == 0.5
+        # 2:4 zeroes exactly half; a kept weight may itself have dequantized to 0.0 from Q4_1
+        assert 0.5 <= zero.mean() < 0.5001
         assert np.all(out.get(name).numpy()[zero] == 0), name

@@ -51,6 +51,7 @@ class OutputSpec:
     fmt: str  # the NDJSON record's "format"
     suffix: str  # of the default name ("" for folders)
     beside: str | None = None  # a sibling of the first output: its path with this suffix
+    role: str = "written"  # how an error names a sibling: "<path> (<role> beside -o <main>)"
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _labels(output: Path | None, paths: list[Path], specs: list[OutputSpec]) -> 
     if output is None:
         return [None] * len(paths)
     return [
-        f"-o {output}" if s.beside is None else f"{p} (written beside -o {output})"
+        f"-o {output}" if s.beside is None else f"{p} ({s.role} beside -o {output})"
         for p, s in zip(paths, specs, strict=True)
     ]
 

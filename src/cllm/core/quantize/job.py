@@ -244,8 +244,9 @@ class QuantizeJob(CalibratedJob):
         n_layers = int(ckpt.config.get("num_hidden_layers", 0))
         if report.layers != n_layers:
             raise UsageError(f"{path} measures {report.layers} layers, the model has {n_layers}")
-        self.sensitivity_file = {"report": report}
-        return {"file_sha256": hashlib.sha256(raw.encode()).hexdigest()}
+        sha = hashlib.sha256(raw.encode()).hexdigest()
+        self.sensitivity_file = {"report": report, "sha256": sha}
+        return {"file_sha256": sha}
 
     def run(
         self, source: Source, paths: list[Path], provenance: dict[str, Any], events: Events
@@ -256,7 +257,10 @@ class QuantizeJob(CalibratedJob):
         ckpt = require_checkpoint(source)
         target = self.target
         if self.req.mixed:
-            self._plan_mixed(ckpt, events)
+            plan = self._plan_mixed(ckpt, events)
+            # the plan itself is recorded (not hashed: the id names the settings it came from)
+            params = provenance["params"]
+            provenance["params"] = {**params, "mixed": {**params["mixed"], **plan}}
         grid = None if target.layer_types is not None else target.grid(self.cfg)
         method = self.req.method.upper()
         label = method + (
@@ -322,17 +326,18 @@ class QuantizeJob(CalibratedJob):
             )
         return kept
 
-    def _plan_mixed(self, ckpt: Checkpoint, events: Events) -> None:
+    def _plan_mixed(self, ckpt: Checkpoint, events: Events) -> dict[str, Any]:
         from cllm.core.quantize.api import plan_layer_types
         from cllm.core.quantize.methods import select_tensors
 
         if self.sensitivity_file is not None:
-            report = self.sensitivity_file["report"]
+            report, sha = self.sensitivity_file["report"], self.sensitivity_file["sha256"]
         else:
             events.log(
                 "measuring per-layer sensitivity (use --sensitivity once and --sensitivity-file to reuse it)"
             )
             report = measure(ckpt, self.req, events)
+            sha = hashlib.sha256(json.dumps(report.to_dict(), sort_keys=True).encode()).hexdigest()
         size = parse_size(self.req.target_size) if self.req.target_size else None
         names = select_tensors(ckpt, self.target.keep)
         types, stats = plan_layer_types(report, ckpt, names, self.req.target_bpw, size)
@@ -341,6 +346,7 @@ class QuantizeJob(CalibratedJob):
             f"mixed precision at {stats['bits_per_weight']:.3f} bits/weight: "
             + ", ".join(f"{t} x{types.count(t)}" for t in sorted(set(types)))
         )
+        return {"sensitivity_sha256": sha, "layer_types": types, **stats}
 
 
 def after_layer(i: int, n: int, advance: Any) -> None:
@@ -405,7 +411,7 @@ class SensitivityMapJob(Job):
     def outputs(self) -> list[OutputSpec]:
         return [
             OutputSpec(Kind.SENSITIVITY_JSON, "json", ".json"),
-            OutputSpec(Kind.HEATMAP_PNG, "png", ".json", beside=".png"),
+            OutputSpec(Kind.HEATMAP_PNG, "png", ".json", beside=".png", role="the heat map"),
         ]
 
     def measure(self, ckpt: Checkpoint, events: Events) -> Any:
