@@ -6,7 +6,8 @@ backend). Calibration: 128 x 512 tokens of WikiText-2 validation, seed 0, the sa
 for cllm and the peer (the peer is handed cllm's token ids).
 
 Targets (issue 9): Wanda 50% KLD <= 0.5 x magnitude, SparseGPT <= Wanda; at 2:4
-SparseGPT <= Wanda <= 0.5 x magnitude; Wanda 70% OWL <= 0.8 x uniform; dropping 4 layers
+SparseGPT <= Wanda <= 0.5 x magnitude; Wanda 70% OWL <= 0.8 x uniform (also
+shown: a profile from a measured sensitivity map); dropping 4 layers
 by block influence beats dropping the last 4; structured MLP 25% makes Q4_0 generation in
 llama.cpp >= 1.15x faster; against llm-compressor: KLD <= theirs, wall time <= 0.5 x
 theirs; Wanda 50% <= 120 s, SparseGPT 50% <= 240 s.
@@ -48,7 +49,7 @@ def params_of(path: str) -> int:
 
 
 def peer_run(base_hf: str, ids: Path, method: str, sparsity: str, pattern: str | None,
-             out: Path) -> dict[str, Any]:  # fmt: skip
+             out: Path, timeout: float) -> dict[str, Any]:  # fmt: skip
     """llm-compressor in its own virtual environment; its exact error when it fails."""
     result = out.with_suffix(".json")
     cmd = [
@@ -70,7 +71,10 @@ def peer_run(base_hf: str, ids: Path, method: str, sparsity: str, pattern: str |
     if pattern:
         cmd += ["--pattern", pattern]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s (--peer-timeout)", "wall_s": timeout}
     wall = time.perf_counter() - t0
     try:
         rec = json.loads(result.read_text())
@@ -88,7 +92,12 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int, default=1, help="timing runs of the 50%% Wanda/SparseGPT rows"
     )
+    ap.add_argument("--sensitivity-samples", type=int, default=16,
+                    help="calibration samples of the sensitivity map behind the profile case")  # fmt: skip
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer run")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated case labels to run (default: all), e.g. 'wanda 50%%'")  # fmt: skip
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="keep outputs here")
     args = ap.parse_args()
@@ -97,7 +106,11 @@ def main() -> None:
     cal = ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
     rows: list[dict[str, Any]] = []
 
+    wanted = {c.strip() for c in args.cases.split(",")} if args.cases else None
+
     def run(tool: str, label: str, name: str, *flags: str, repeat: int = 1) -> dict[str, Any]:
+        if wanted is not None and label not in wanted:
+            return {"path": None}
         times = []
         path = ""
         for _ in range(repeat):
@@ -127,6 +140,17 @@ def main() -> None:
     run("cllm", "wanda 70%", "wanda70", "--method", "wanda", "--sparsity", "0.7", *cal)
     run("cllm", "wanda 70% owl", "wanda70owl", "--method", "wanda", "--sparsity", "0.7",
         "--profile", "owl", *cal)  # fmt: skip
+    if wanted is None or "wanda 70% sensitivity profile" in wanted:
+        # the measured alternative to OWL: one sublayer pruned at a time (a smaller calibration
+        # set keeps the 60 measurements short), then per-layer sparsities from the map
+        sens, sens_t = cllm("prune", "smollm2-135m", "--method", "wanda", "--sparsity", "0.7",
+                            "--sensitivity", "--calib-samples", str(args.sensitivity_samples),
+                            "--calib-seqlen", str(args.calib_seqlen),
+                            "-o", str(tmp / "sens70.json"), "--force")  # fmt: skip
+        row = run("cllm", "wanda 70% sensitivity profile", "wanda70prof", "--method", "wanda",
+                  "--sparsity", "0.7", "--profile", sens.split()[0], "--owl-lambda", "0.25",
+                  *cal)  # fmt: skip
+        row["sensitivity_time_s"] = sens_t
     run("cllm", "drop 4 block-influence", "drop4bi", "--drop-layers", "4", "--layer-metric",
         "block-influence", *cal)  # fmt: skip
     run("cllm", "drop 4 angular-distance", "drop4ad", "--drop-layers", "4", "--layer-metric",
@@ -148,8 +172,10 @@ def main() -> None:
         ), str(ids)], check=True)  # fmt: skip
         for method in ("wanda", "sparsegpt"):
             for label, sparsity, pattern in (("50%", "0.5", None), ("2:4", "0.5", "2:4")):
+                if wanted is not None and f"{method} {label}" not in wanted:
+                    continue
                 out = tmp / f"peer-{method}-{label.replace(':', '').replace('%', '')}"
-                rec = peer_run(base_hf, ids, method, sparsity, pattern, out)
+                rec = peer_run(base_hf, ids, method, sparsity, pattern, out, args.peer_timeout)
                 rows.append({"tool": "llm-compressor", "case": f"{method} {label}",
                              "path": str(out) if not rec.get("error") else None,
                              "time_s": stats([rec["wall_s"]]), "peer": rec})  # fmt: skip
@@ -160,14 +186,15 @@ def main() -> None:
             r["params"] = params_of(r["path"])
 
     speed: dict[str, Any] = {}
-    if not args.skip_speed:
+    if not args.skip_speed and mlp["path"]:
         base_q, _ = cllm(
             "quantize", "smollm2-135m", "--gguf-type", "Q4_0", "-o", str(tmp / "base.Q4_0.gguf")
         )
         mlp_q, _ = cllm(
             "quantize", mlp["path"], "--gguf-type", "Q4_0", "-o", str(tmp / "mlp25.Q4_0.gguf")
         )
-        out, _ = cllm("bench", base_q, mlp_q, "--backend", "llama.cpp", "--threads", "2", "--json")
+        out, _ = cllm("bench", base_q, mlp_q, "--backend", "llama.cpp", "--threads", "2",
+                      "--repeat", "7", "--json")  # fmt: skip
         recs = [json.loads(line) for line in out.splitlines() if line.strip()]
         speed = {
             "base_tg_tps": recs[0]["tg_tps"]["median"],
@@ -205,6 +232,8 @@ def main() -> None:
         0.5,
     )
     le("owl 70% <= 0.8 x uniform 70%", get("cllm", "wanda 70% owl"), get("cllm", "wanda 70%"), 0.8)
+    le("sensitivity profile 70% <= 0.8 x uniform 70%", get("cllm", "wanda 70% sensitivity profile"),
+       get("cllm", "wanda 70%"), 0.8)  # fmt: skip
     le("drop 4 block-influence < drop last 4", get("cllm", "drop 4 block-influence"),
        get("cllm", "drop last 4"))  # fmt: skip
     le("wanda 50% time <= 120 s", get("cllm", "wanda 50%", "time"), 120.0)
