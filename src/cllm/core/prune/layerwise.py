@@ -261,9 +261,10 @@ def measure_dense_inputs(
     _report_rest(last, runner.n_layers, progress)
 
 
+# (pruned weights by relative name, the pruned layer's outputs if the method computed them)
 LayerPrune = Callable[
     ["LayerRunner", int, torch.nn.Module, torch.Tensor, dict[str, torch.nn.Linear], float],
-    dict[str, torch.Tensor],
+    tuple[dict[str, torch.Tensor], torch.Tensor | None],
 ]
 
 
@@ -289,13 +290,15 @@ def run_layerwise(
     prune_layer: LayerPrune,
 ) -> tuple[LayerStateStore, Callable[[], None]]:
     """Prune layer by layer into the store; `prune_layer(runner, i, layer, hidden, linears,
-    sparsity)` returns the pruned weights by relative name and must not change the layer.
-    Returns the store and how to remove it once the output is written."""
+    sparsity)` returns the pruned weights by relative name (and the layer's outputs when it
+    ran the pruned layer itself). Returns the store and how to remove it once the output is
+    written."""
     from cllm.core.quantize.layerwise import drive_layers
 
     calib = calibration_of(ckpt, cfg, ctx)
     store, cleanup = state_store(ctx)
     last = max(scope.by_layer, default=-1)
+    computed: list[torch.Tensor] = []
 
     def work(
         runner: LayerRunner, i: int, layer: torch.nn.Module, hidden: torch.Tensor
@@ -305,7 +308,9 @@ def run_layerwise(
         linears = layer_linears(runner, i, layer, scope)
         if not linears:
             return {}, None
-        pruned = prune_layer(runner, i, layer, hidden, linears, targets[i])
+        pruned, outputs = prune_layer(runner, i, layer, hidden, linears, targets[i])
+        if outputs is not None:
+            computed.append(outputs)
         prefix = runner.layer_prefix(i)
         dense = {}
         for n, w in pruned.items():
@@ -317,6 +322,7 @@ def run_layerwise(
         drive_layers(
             ckpt, calib.ids, store, work, batch_size=cfg.batch_size,
             compute_dtype=cfg.compute_dtype, resume=ctx.resume, on_layer=ctx.on_layer,
+            outputs=lambda: computed.pop() if computed else None,
         )  # fmt: skip
     except _PastLastLayer:
         _report_rest(last, scope.n_layers, ctx.on_layer)
@@ -459,12 +465,22 @@ def prune_by_layer(
     ctx: PruneContext,
     stats: Callable[[LayerRunner, torch.nn.Module, torch.Tensor, dict[str, torch.nn.Linear]], Any],
     prune_one: Callable[[torch.Tensor, Any, float], torch.Tensor],
+    stats_of_inputs: Callable[[list[torch.Tensor]], Any],
 ) -> PrunedModel:
-    """A calibrated method as two steps: the statistics a layer's Linears need from their
-    inputs (`stats`, one pass of the layer), and how one weight is pruned given its Linear's
-    statistics and the layer's sparsity (`prune_one`)."""
+    """A calibrated method as two steps: the statistics a Linear needs from its inputs, and
+    how one weight is pruned given them and the layer's sparsity (`prune_one`).
+
+    Normally each layer is pruned in one pass (`cllm.core.prune.sequential`), where
+    `stats_of_inputs` turns one Linear's inputs from every batch into its statistics. When
+    the calibration set is too large for that pass's memory, `stats` gathers them in a pass
+    of the dense layer and the pruned layer is run a second time for its outputs."""
+    from cllm.core.prune import sequential
+
     scope = select_scope(ckpt, cfg)
     targets, extra = layer_sparsities(ckpt, cfg, ctx, scope)
+    calib = calibration_of(ckpt, cfg, ctx)
+    one_pass = sequential.fits(ckpt.config, int(calib.ids.numel()))
+    extra = {**extra, "passes_per_layer": 1 if one_pass else 2}
 
     def prune_layer(
         runner: LayerRunner,
@@ -473,8 +489,26 @@ def prune_by_layer(
         hidden: torch.Tensor,
         linears: dict[str, torch.nn.Linear],
         sparsity: float,
-    ) -> dict[str, torch.Tensor]:
-        st = stats(runner, layer, hidden, linears)
-        return {n: prune_one(m.weight.data, st[n], sparsity) for n, m in linears.items()}
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        if not one_pass:
+            st = stats(runner, layer, hidden, linears)
+            return {n: prune_one(m.weight.data, st[n], sparsity) for n, m in linears.items()}, None
+        pruned: dict[str, torch.Tensor] = {}
+        # (the inputs, their statistics); held, not compared by id, which a freed tensor's
+        # successor may reuse
+        last: list[Any] = [[], None]
+
+        def prune(name: str, mod: torch.nn.Linear, inputs: list[torch.Tensor]) -> None:
+            same = len(inputs) == len(last[0]) and all(
+                a is b for a, b in zip(inputs, last[0], strict=True)
+            )
+            if not same:  # q/k/v (and gate/up) read the same tensors: one statistic
+                last[0], last[1] = inputs, stats_of_inputs(inputs)
+            w = prune_one(mod.weight.data, last[1], sparsity)
+            pruned[name] = w
+            mod.weight.data = w.to(mod.weight.dtype)
+
+        outputs = sequential.prune_in_one_pass(runner, layer, hidden, linears, prune)
+        return pruned, outputs
 
     return layerwise_result(method, ckpt, cfg, ctx, scope, targets, prune_layer, extra)

@@ -92,10 +92,18 @@ def sparsegpt_prune(
 
 @PRUNERS.register("sparsegpt", SparseGPTConfig)
 def prune_sparsegpt(ckpt: Checkpoint, cfg: SparseGPTConfig, ctx: PruneContext) -> PrunedModel:
+    from cllm.core.quantize.gptq import HessianAccumulator
     from cllm.core.quantize.gptq_layerwise import collect_hessians
+
+    def hessian(inputs: list[torch.Tensor]) -> HessianAccumulator:
+        acc = HessianAccumulator(inputs[0].shape[-1])
+        for x in inputs:  # batch order, as the two-pass hooks add them
+            acc.add(x)
+        return acc
 
     nm = cfg.nm()
     return prune_by_layer(
         "sparsegpt", ckpt, cfg, ctx, collect_hessians,
         lambda w, acc, sparsity: sparsegpt_prune(w, acc.H, sparsity, nm, cfg.damp, cfg.blocksize),
+        hessian,
     )  # fmt: skip

@@ -45,10 +45,20 @@ def wanda_prune(
     return apply_mask(weight.float(), mask)
 
 
+def input_sumsq(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Each input column's sum of squares over every row of `inputs` (float64), summed batch
+    by batch in order, exactly as the two-pass hooks sum them."""
+    total = torch.zeros(inputs[0].shape[-1], dtype=torch.float64)
+    for x in inputs:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        total += (flat * flat).sum(0).double()
+    return total
+
+
 @PRUNERS.register("wanda", WandaConfig)
 def prune_wanda(ckpt: Checkpoint, cfg: WandaConfig, ctx: PruneContext) -> PrunedModel:
     nm = cfg.nm()
     return prune_by_layer(
         "wanda", ckpt, cfg, ctx, collect_input_sumsq,
-        lambda w, sums, sparsity: wanda_prune(w, sums, sparsity, nm),
+        lambda w, sums, sparsity: wanda_prune(w, sums, sparsity, nm), input_sumsq,
     )  # fmt: skip

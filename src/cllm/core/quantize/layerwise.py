@@ -81,7 +81,7 @@ class LayerRunner:
         pos = torch.arange(hidden.shape[1])[None]
         return self.rotary(hidden[:1], pos)
 
-    def _batches(
+    def batches(
         self, layer: torch.nn.Module, hidden: torch.Tensor
     ) -> Iterator[tuple[slice, Callable[[], Any]]]:
         """(rows, run) per calibration batch; `run()` is the layer's forward on those rows."""
@@ -106,7 +106,7 @@ class LayerRunner:
     ) -> torch.Tensor:
         """Run every calibration sample through one layer, in batches."""
         out = torch.empty_like(hidden)
-        for rows, run in self._batches(layer, hidden):
+        for rows, run in self.batches(layer, hidden):
             y = run()
             out[rows] = y[0] if isinstance(y, tuple) else y
             if on_batch:
@@ -117,7 +117,7 @@ class LayerRunner:
     def feed(self, layer: torch.nn.Module, hidden: torch.Tensor, stop: type[Exception]) -> None:
         """Run every calibration batch into the layer for its hooks only; a hook raising
         `stop` ends that batch early (the outputs are not kept)."""
-        for _rows, run in self._batches(layer, hidden):
+        for _rows, run in self.batches(layer, hidden):
             with contextlib.suppress(stop):
                 run()
 
@@ -157,10 +157,12 @@ def drive_layers(
     compute_dtype: str,
     resume: bool = False,
     on_layer: Callable[[int, int], None] | None = None,
+    outputs: Callable[[], torch.Tensor | None] | None = None,
 ) -> Any:
-    """The loop GPTQ and AWQ share: build layer i, let `work` quantize it in place, run the
-    quantized layer to get layer i+1's inputs, save results and hidden states (what
-    `--resume` restarts from), free the layer."""
+    """The loop GPTQ, AWQ and pruning share: build layer i, let `work` quantize it in place,
+    run the quantized layer to get layer i+1's inputs, save results and hidden states (what
+    `--resume` restarts from), free the layer. `outputs()` hands over layer i's outputs when
+    `work` already computed them (pruning in one pass), so the layer is not run again."""
     runner = LayerRunner(
         ckpt, batch_size=batch_size, compute_dtype=resolve_compute_dtype(compute_dtype)
     )
@@ -169,7 +171,9 @@ def drive_layers(
     for i in range(start, runner.n_layers):
         layer = runner.build_layer(i)
         results, dense = work(runner, i, layer, hidden)
-        hidden = runner.forward(layer, hidden)  # the next layer sees the quantized layer's outputs
+        done = outputs() if outputs is not None else None
+        # the next layer sees the quantized layer's outputs
+        hidden = done if done is not None else runner.forward(layer, hidden)
         store.save_layer(i, results, hidden, dense)
         runner.release_layer(i)
         if on_layer:
