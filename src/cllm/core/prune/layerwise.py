@@ -148,6 +148,13 @@ class _InputsSeen(Exception):
     """Raised from a hook to end a batch's forward once every Linear has seen its input."""
 
 
+def column_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """One batch's per-input-column sum of squares: summed in fp32 (a vectorised reduction;
+    einsum's "ij,ij->j" is 18x slower here), returned as float64 for accumulating batches."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return (flat * flat).sum(0).double()
+
+
 class _SumsqHooks:
     """Forward pre-hooks adding each Linear's per-input-column sum of squares (float64).
 
@@ -168,10 +175,7 @@ class _SumsqHooks:
             if self._last[0] is x:
                 self.sums[name] = self._last[1]
             else:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                # a batch's column sums in fp32 (a vectorised reduction; einsum's "ij,ij->j"
-                # is 18x slower here), accumulated across batches in float64
-                self.sums[name] += (flat * flat).sum(0).double()
+                self.sums[name] += column_sumsq(x)
                 self._last[0], self._last[1] = x, self.sums[name]
             self._seen.add(name)
             if self._stop and len(self._seen) == len(self.sums):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cllm.core.prune.base import PRUNERS, PruneContext, PrunedModel, UnstructuredScope
-from cllm.core.prune.layerwise import collect_input_sumsq, prune_by_layer
+from cllm.core.prune.layerwise import collect_input_sumsq, column_sumsq, prune_by_layer
 from cllm.core.prune.masks import apply_mask, select_mask
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ def input_sumsq(inputs: list[torch.Tensor]) -> torch.Tensor:
     by batch in order, exactly as the two-pass hooks sum them."""
     total = torch.zeros(inputs[0].shape[-1], dtype=torch.float64)
     for x in inputs:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        total += (flat * flat).sum(0).double()
+        total += column_sumsq(x)
     return total
 
 
