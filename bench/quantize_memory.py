@@ -40,7 +40,7 @@ def build(folder: Path) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from cllm.formats.arch import llama_expected_shapes
+    from cllm.formats.arch.families import LLAMA
     from cllm.formats.safetensors_io import PlannedTensor, write_safetensors_file
     from cllm.testing.tiny import tiny_tokenizer
 
@@ -50,7 +50,7 @@ def build(folder: Path) -> int:
     tiny_tokenizer().save_pretrained(folder)
     shapes = {
         n: s
-        for n, s in llama_expected_shapes(cfg).items()
+        for n, s in LLAMA.expected_shapes(cfg).items()
         if not n.endswith(".bias") and n != "lm_head.weight"
     }
     gen = torch.Generator().manual_seed(0)

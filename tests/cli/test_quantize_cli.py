@@ -233,7 +233,8 @@ def test_architecture_llamacpp_cannot_take(tmp_path: Path) -> None:
     out = tmp_path / "g.gguf"
     p = run_cli("quantize", str(folder), "--gguf-type", "Q8_0", "-o", str(out))
     assert p.returncode == 2, p.stderr
-    assert "cannot be written as GGUF" in p.stderr.strip().splitlines()[-1]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "model type 'gpt2' is not supported" in last and "Supported: llama" in last
     assert not out.exists()
 
 

@@ -129,7 +129,7 @@ def test_folding_keeps_the_fp32_layer_output(
     runner = LayerRunner(open_checkpoint(tiny_model if which == "gqa" else mha_model))
     layer = runner.build_layer(0)
     hidden = runner.embed(calib.ids[:4])
-    groups = layer_groups(layer)
+    groups = layer_groups(layer, runner.spec)
     stats = collect_stats(runner, layer, hidden, groups)
     before = layer_output(runner, layer, hidden)
     for grp in groups:

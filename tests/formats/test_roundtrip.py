@@ -140,13 +140,13 @@ def test_gguf_bytes_match_gguf_quants(tiny_model: Path, gguf_files: dict[str, Pa
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import quantize
 
-    from cllm.formats.arch import LLAMA
+    from cllm.formats.arch.families import LLAMA
 
     src = open_checkpoint(tiny_model)
     reader = GGUFReader(gguf_files["Q4_0"])
     by_name = {t.name: t for t in reader.tensors}
     name = "model.layers.1.self_attn.q_proj.weight"
-    w = LLAMA.to_gguf_rows(name, src.get(name).numpy(), src.config)
+    w = LLAMA.to_gguf(name, src.get(name).numpy(), src.config)
     want = quantize(w, GGMLQuantizationType.Q4_0)
     got = np.asarray(by_name["blk.1.attn_q.weight"].data)
     assert np.array_equal(got.reshape(want.shape), want)

@@ -49,6 +49,7 @@ def kld_map(
 ) -> list[list[float]]:
     """kld[layer][column]: mean KLD (base || perturbed) over the scored positions."""
     from cllm.core.eval.backends import build_torch_model
+    from cllm.core.layer_call import head_logits
 
     model = model if model is not None else build_torch_model(ckpt)
     layers = model.model.layers
@@ -57,9 +58,13 @@ def kld_map(
     first = ctx // 2
     ids = torch.as_tensor(np.stack(chunks)).long()
     captured: list[torch.Tensor] = []
+    # what the model passed each layer besides its input (RoPE, masks per attention type),
+    # so re-running a layer alone computes what the model would
+    layer_kwargs: list[dict[str, Any]] = []
 
     def grab(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        layer_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     try:
@@ -69,18 +74,16 @@ def kld_map(
             h.remove()
     base_lp = torch.log_softmax(base_logits[:, first : ctx - 1].float(), dim=-1)
     base_p = base_lp.exp()
-    pos = torch.arange(ctx)[None]
-    pe = model.model.rotary_emb(captured[0], pos)
 
-    def run_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    def run_layer(layer: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
+        y = layer(x, **layer_kwargs[i])
         return y[0] if isinstance(y, tuple) else y
 
     def tail_kld(i: int) -> float:
         x = captured[i]
-        for layer in layers[i:]:
-            x = run_layer(layer, x)
-        logits = model.lm_head(model.model.norm(x))
+        for k in range(i, n_layers):
+            x = run_layer(layers[k], x, k)
+        logits = head_logits(model, x)
         lp = torch.log_softmax(logits[:, first : ctx - 1].float(), dim=-1)
         return float((base_p * (base_lp - lp)).sum(-1).mean())
 
@@ -89,7 +92,7 @@ def kld_map(
     step = 0
     for i in range(n_layers):
         for j, column in enumerate(columns):
-            probe = LayerProbe(captured[i], partial(run_layer, x=captured[i]))
+            probe = LayerProbe(captured[i], partial(run_layer, x=captured[i], i=i))
             restore = perturb(model, i, column, probe)
             try:
                 kld[i][j] = tail_kld(i)

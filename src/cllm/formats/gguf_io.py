@@ -21,13 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cllm.errors import InputError, UsageError
-from cllm.formats.arch import (
-    ArchSpec,
-    check_shapes,
-    llama_config_from_gguf,
-    spec_for_config,
-    spec_for_gguf,
-)
+from cllm.formats.arch import ArchSpec, check_shapes, spec_for_config, spec_for_gguf
 from cllm.formats.checkpoint import Checkpoint, TensorInfo, parse_json_object
 
 if TYPE_CHECKING:
@@ -218,21 +212,33 @@ class GGUFCheckpoint(Checkpoint):
             raise InputError(f"{self.path}: GGUF could not be parsed ({exc})") from exc
         self.gguf_arch = str(self.kv("general.architecture", ""))
         self.spec: ArchSpec = spec_for_gguf(self.gguf_arch)
+        n_layers = int(self.kv(f"{self.gguf_arch}.block_count", 0) or 0)
+        extra: dict[str, Any] = {}
         for t in self.reader.tensors:
-            hf = self.spec.hf_name(t.name)
+            hf = self.spec.hf_name(t.name, n_layers)
             if hf is None:
-                if t.name in self.spec.ignored_gguf:
+                if t.name in self.spec.extra_gguf:
+                    extra[t.name] = t
                     continue
                 raise InputError(
                     f"{self.path}: tensor {t.name} has no known transformers name for {self.gguf_arch}"
                 )
             self._names[hf] = t
-        n_vocab = (
-            len(self.reader.fields["tokenizer.ggml.tokens"].data)
-            if "tokenizer.ggml.tokens" in self.reader.fields
-            else 0
-        )
-        self._config = llama_config_from_gguf(self.kv, self.gguf_arch, n_vocab)
+        embd = self._names.get("model.embed_tokens.weight")
+        n_vocab = int(embd.shape[-1]) if embd is not None else 0
+
+        def extra_tensor(name: str) -> np.ndarray | None:
+            from gguf.quants import dequantize
+
+            t = extra.get(name)
+            return None if t is None else dequantize(t.data, t.tensor_type).astype(np.float32)
+
+        suffixes = {n.split(".", 3)[3] for n in self._names if n.startswith("model.layers.")}
+        self._config = {
+            "architectures": [self.spec.hf_architecture],
+            "model_type": self.spec.model_type,
+            **self.spec.read_hparams(self.kv, self.gguf_arch, n_vocab, extra_tensor, suffixes),
+        }
         self._config["tie_word_embeddings"] = "lm_head.weight" not in self._names
         check_shapes(
             self._config, {n: i.shape for n, i in self.tensor_infos().items()}, str(self.path)
@@ -264,7 +270,7 @@ class GGUFCheckpoint(Checkpoint):
         t = self._names[name]
         arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         arr = arr.reshape(self._infos[name].shape)
-        return self.spec.from_gguf_rows(name, arr, self._config)
+        return self.spec.from_gguf(name, arr, self._config)
 
     def get(self, name: str) -> torch.Tensor:
         import torch
@@ -510,23 +516,9 @@ def write_gguf(
     plans = list(tensors)
     w = _fast_writer_class(GGUFWriter)(None, spec.gguf_arch)
     arch = spec.gguf_arch
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    n_layers = int(config["num_hidden_layers"])
     w.add_name(str(carried.get("general.name") or config.get("_name_or_path") or "cllm model"))
-    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(hidden)
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(heads)
-    w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_vocab_size(int(config["vocab_size"]))
+    extra = spec.write_hparams(w, config)
     ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[
         gguf_type
     ]
@@ -539,7 +531,7 @@ def write_gguf(
     counts: dict[str, int] = {}
     ordered: list[tuple[GGUFTensorPlan, str, str]] = []
     for p in plans:
-        gname = spec.gguf_name(p.hf_name)
+        gname = spec.gguf_name(p.hf_name, n_layers)
         if gname is None:
             raise UsageError(f"tensor {p.hf_name} has no GGUF name for {arch}")
         if p.hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
@@ -554,6 +546,9 @@ def write_gguf(
             else int(np.prod(p.shape)) * (4 if qt == "F32" else 2)
         )
         w.add_tensor_info(gname, list(p.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    for gname, arr in extra.items():  # hyperparameters llama.cpp reads as tensors (F32)
+        w.add_tensor_info(gname, list(arr.shape), np.dtype(np.float32), arr.nbytes,
+                          raw_dtype=GGMLQuantizationType.F32)  # fmt: skip
     w.write_header_to_file(path=Path(path))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -563,7 +558,7 @@ def write_gguf(
             from cllm.formats.gguf_pack import pack_blocks
 
             rows = [
-                spec.to_gguf_rows(p.hf_name, np.asarray(a), config)
+                spec.rows_to_gguf(p.hf_name, np.asarray(a), config)
                 for a in (produced.codes, produced.scale, produced.zero)
             ]
             w.write_tensor_data(pack_blocks(qt, rows[0], rows[1], rows[2]))
@@ -580,7 +575,7 @@ def write_gguf(
         )
         if qt not in GGUF_LEGACY and not np.isfinite(arr).all():
             raise broken
-        arr = spec.to_gguf_rows(p.hf_name, arr, config)
+        arr = spec.to_gguf(p.hf_name, arr, config)
         if qt == "F32":
             data = np.ascontiguousarray(arr)
         elif qt == "F16":
@@ -595,6 +590,8 @@ def write_gguf(
         w.write_tensor_data(data)
         if on_tensor:
             on_tensor(p.hf_name, qt)
+    for arr in extra.values():
+        w.write_tensor_data(np.ascontiguousarray(arr, dtype=np.float32))
     w.close()
     return counts
 

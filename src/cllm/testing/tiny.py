@@ -1,7 +1,10 @@
 """Tiny real models for tests and plugin authors: built in-process, no download.
 
 A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer of 264 tokens, saved
-as a real HF folder, so every reader, writer and backend runs on it unchanged.
+as a real HF folder, so every reader, writer and backend runs on it unchanged; and
+one tiny model per supported family (`FAMILIES`), each using the features that make
+its family differ from Llama (biases, QK-norm, Gemma's sandwich norms and sliding
+window, Phi-3's fused projections and partial rotary, Llama 3's RoPE scaling).
 """
 
 from __future__ import annotations
@@ -71,6 +74,78 @@ def save_tiny_llama(folder: Path, seed: int = 0, **overrides: Any) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_llama(seed, **overrides)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+_BASE: dict[str, Any] = {
+    **{k: v for k, v in TINY_CONFIG.items() if k != "rope_theta"},
+    "pad_token_id": 256,
+}
+
+# family -> (transformers model_type, config overrides). Sizes stay tiny; each config sets
+# what llama.cpp must reproduce for that family.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {"rope_theta": 10000.0}),
+    "llama3": ("llama", {
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192},
+    }),
+    "mistral": ("mistral", {"sliding_window": None, "rope_theta": 1000000.0}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+    "qwen3": ("qwen3", {"head_dim": 32, "rope_theta": 1000000.0}),
+    # llama.cpp fixes Gemma 3's pattern (one global layer in six), local base and query
+    # scale, so the tiny model has six layers and query_pre_attn_scalar == head_dim
+    "gemma3": ("gemma3_text", {
+        "num_hidden_layers": 6, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 8, "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    }),
+    "phi3": ("phi3", {
+        "original_max_position_embeddings": 1024, "sliding_window": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "partial_rotary_factor": 0.75},
+    }),
+}  # fmt: skip
+
+
+def tiny_family_config(family: str, **overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    model_type, extra = FAMILIES[family]
+    return AutoConfig.for_model(model_type, **{**_BASE, **extra, **overrides})
+
+
+def tiny_family_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised model of one family (fp32, eval mode). Norm weights and
+    biases are random too, so a wrong norm offset or a dropped bias shows in the logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_family_config(family, **overrides)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    offset = 0.0 if cfg.model_type == "gemma3_text" else 1.0  # Gemma's norms compute (1 + w)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("norm.weight"):
+                p.normal_(offset, 0.1)
+            else:
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
+    """Write a tiny model of one family as an HF folder (config.json, model.safetensors,
+    tokenizer)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_family_model(family, seed, **overrides)
     model.save_pretrained(str(folder), safe_serialization=True)
     tiny_tokenizer().save_pretrained(str(folder))
     return folder

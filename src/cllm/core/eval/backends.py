@@ -74,6 +74,9 @@ def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
     # buffers computed in __init__ (rotary frequencies) were made on meta: rebuild them
     for mod_name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
+            if hasattr(module, "scalar_embed_scale"):  # Gemma's sqrt(hidden) embedding scale
+                module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
+                continue
             parent_name, _, attr = mod_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, type(module)(config=config))

@@ -28,6 +28,7 @@ from cllm.core.calib import CalibrationOptions
 from cllm.core.quantize.grid import Grid, GridPlan, dequantize_groups, grid_for, quantize_rtn
 from cllm.core.quantize.registry import QUANTIZERS, QuantContext
 from cllm.errors import RuntimeFailure, UsageError
+from cllm.formats.arch import ArchSpec, AwqGroup
 
 if TYPE_CHECKING:
     from cllm.core.calib import Calibration
@@ -128,40 +129,25 @@ def search_scale(
 # -- a decoder layer's input groups ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InputGroup:
-    """Linears reading one input, and the module producing it (where 1/s is folded)."""
-
-    producer: str  # module name within the layer
-    kind: str  # "norm": scale its weight; "rows": scale the output rows of a Linear
-    consumers: tuple[str, ...]
+InputGroup = AwqGroup
 
 
-LLAMA_GROUPS = (
-    InputGroup(
-        "input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    ),
-    InputGroup("self_attn.v_proj", "rows", ("self_attn.o_proj",)),
-    InputGroup("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-    InputGroup("mlp.up_proj", "rows", ("mlp.down_proj",)),
-)
-
-
-def layer_groups(layer: torch.nn.Module) -> tuple[InputGroup, ...]:
-    """The Llama layout (also Mistral, Qwen2/3); anything else is refused rather than mis-folded."""
+def layer_groups(layer: torch.nn.Module, spec: ArchSpec) -> tuple[InputGroup, ...]:
+    """The family's scale-folding groups (from its `ArchSpec`), checked against the layer
+    actually built: a layer that does not have them is refused rather than mis-folded."""
     from cllm.core.quantize.layerwise import linear_modules
 
     mods = dict(layer.named_modules())
     linears = set(linear_modules(layer))
-    expected = {c for g in LLAMA_GROUPS for c in g.consumers}
-    missing = [g.producer for g in LLAMA_GROUPS if g.producer not in mods]
-    if linears != expected or missing:
+    groups = spec.awq_groups
+    consumers = {c for g in groups for c in g.consumers}
+    missing = [g.producer for g in groups if g.producer not in mods]
+    if not groups or missing or not consumers <= linears:
         raise UsageError(
-            f"AWQ does not know this decoder layer ({type(layer).__name__}): it expects Llama-style "
-            "q/k/v/o and gate/up/down projections after input_layernorm and post_attention_layernorm",
+            f"AWQ does not know this decoder layer ({type(layer).__name__}) of {spec.label}",
             "Use --method gptq or rtn for this model",
         )
-    return LLAMA_GROUPS
+    return groups
 
 
 @dataclass
@@ -211,7 +197,9 @@ def collect_stats(
     return stats
 
 
-def fold_scales(layer: torch.nn.Module, group: InputGroup, s: torch.Tensor) -> None:
+def fold_scales(
+    layer: torch.nn.Module, group: InputGroup, s: torch.Tensor, norm_offset: float = 0.0
+) -> None:
     """Multiply the consumers' input columns by s and divide the producer's output by s."""
     mods = dict(layer.named_modules())
     for c in group.consumers:
@@ -220,7 +208,8 @@ def fold_scales(layer: torch.nn.Module, group: InputGroup, s: torch.Tensor) -> N
         m.weight.data = m.weight.data * s[None, :]
     prod = mods[group.producer]
     if group.kind == "norm":
-        prod.weight.data = prod.weight.data / s
+        # a norm computing x * (offset + w) (Gemma: offset 1) scales as a whole
+        prod.weight.data = (prod.weight.data + norm_offset) / s - norm_offset
         bias = getattr(prod, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data = bias.data / s
@@ -233,11 +222,8 @@ def fold_scales(layer: torch.nn.Module, group: InputGroup, s: torch.Tensor) -> N
 
 def layer_output(runner: LayerRunner, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's output in fp32 (no autocast), for checking that folding kept its function."""
-    pos = torch.arange(x.shape[1])[None]
     with torch.inference_mode():
-        y = layer(
-            x, attention_mask=None, position_ids=pos, position_embeddings=runner.rotary(x[:1], pos)
-        )
+        y = layer(x, **runner.layer_kwargs(layer, x))
     return y[0] if isinstance(y, tuple) else y
 
 
@@ -262,7 +248,7 @@ def awq_layer(
     from cllm.core.quantize.methods import QuantResult
     from cllm.core.quantize.sparsity import MaskPolicy
 
-    groups = layer_groups(layer)
+    groups = layer_groups(layer, runner.spec)
     mods = dict(layer.named_modules())
     heads = int(runner.config.num_attention_heads)
     kv_heads = int(getattr(runner.config, "num_key_value_heads", None) or heads)
@@ -275,7 +261,7 @@ def awq_layer(
     alphas: dict[str, float] = {}
     for g in groups:
         selected = [c for c in g.consumers if prefix + c + ".weight" in wanted]
-        if not selected:
+        if not selected or g.kind == "none":
             continue
         if g.kind == "rows":
             prod, cons = mods[g.producer], mods[g.consumers[0]]
@@ -297,7 +283,7 @@ def awq_layer(
     # every search above saw the original weights (as the reference does); now fold them all
     for g in groups:
         if g.producer in scales:
-            fold_scales(layer, g, scales[g.producer])
+            fold_scales(layer, g, scales[g.producer], runner.spec.norm_offset)
     after = layer_output(runner, layer, probe)
     drift = float((after - before).abs().max() / before.abs().max().clamp(min=1e-12))
     if drift > 1e-3:

@@ -41,6 +41,10 @@ class LayerRunner:
     def __init__(self, ckpt: Checkpoint, batch_size: int = 8, compute_dtype: str = "fp32") -> None:
         from transformers import AutoModelForCausalLM
 
+        from cllm.core.layer_call import LayerCall
+        from cllm.formats.arch import spec_for_config
+
+        self.spec = spec_for_config(ckpt.config)
         self.ckpt = ckpt
         self.config = _config(ckpt)
         with torch.device("meta"):
@@ -50,9 +54,14 @@ class LayerRunner:
         self.compute_dtype = compute_dtype
         rotary_cls = type(self.skeleton.model.rotary_emb)
         self.rotary = rotary_cls(config=self.config)
+        self.call = LayerCall(self.config, self.rotary, self.spec)
 
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
+
+    @staticmethod
+    def index_of(layer: torch.nn.Module) -> int:
+        return int(layer._cllm_layer_index)  # type: ignore[arg-type]
 
     def build_layer(self, i: int) -> torch.nn.Module:
         layer = self.skeleton.model.layers[i]
@@ -67,6 +76,7 @@ class LayerRunner:
             raise InputError(
                 f"layer {i}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+        layer._cllm_layer_index = i  # which RoPE / mask it takes (see layer_kwargs)
         return layer.eval()
 
     def release_layer(self, i: int) -> None:
@@ -74,26 +84,29 @@ class LayerRunner:
         self.skeleton.model.layers[i] = self.skeleton.model.layers[i].to_empty(device="meta")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.ckpt.get("model.embed_tokens.weight").float()
-        return torch.nn.functional.embedding(ids, weight)
+        from cllm.core.layer_call import embed_scale
 
-    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(hidden.shape[1])[None]
-        return self.rotary(hidden[:1], pos)
+        weight = self.ckpt.get("model.embed_tokens.weight").float()
+        out = torch.nn.functional.embedding(ids, weight)
+        scale = embed_scale(self.spec, self.config)
+        return out if scale is None else out * torch.tensor(scale, dtype=out.dtype)
+
+    def layer_kwargs(self, layer: torch.nn.Module, hidden: torch.Tensor) -> dict[str, Any]:
+        """What the model's own forward would pass this layer besides its input."""
+        return self.call.kwargs(self.index_of(layer), hidden)
 
     def batches(
         self, layer: torch.nn.Module, hidden: torch.Tensor
     ) -> Iterator[tuple[slice, Callable[[], Any]]]:
         """(rows, run) per calibration batch; `run()` is the layer's forward on those rows."""
-        pe = self.position_embeddings(hidden)
-        pos = torch.arange(hidden.shape[1])[None]
+        kwargs = self.layer_kwargs(layer, hidden)
         bf16 = self.compute_dtype == "bf16"
         for b in range(0, hidden.shape[0], self.batch_size):
             rows = slice(b, b + self.batch_size)
 
             def run(x: torch.Tensor = hidden[rows]) -> Any:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    return layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+                    return layer(x, **kwargs)
 
             yield rows, run
 

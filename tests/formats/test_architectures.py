@@ -1,0 +1,162 @@
+"""Every supported family, HF <-> GGUF: llama.cpp runs what cllm writes as transformers
+runs the source, a GGUF reads back into the same model, and the spec's tensor table is
+the one transformers' own model class has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cllm.formats.checkpoint import open_checkpoint
+from cllm.formats.provenance import make_provenance
+from cllm.formats.save import save_gguf
+from cllm.testing.tiny import FAMILIES, save_tiny_family, tiny_family_config
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def _prov() -> dict:
+    return make_provenance("test", {}, None, None)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: save_tiny_family(root / f, f, seed=1) for f in FAMILY_NAMES}
+
+
+@pytest.fixture(scope="module")
+def f32_ggufs(family_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("family-gguf")
+    out = {}
+    for fam, folder in family_dirs.items():
+        out[fam] = root / f"{fam}.F32.gguf"
+        save_gguf(out[fam], open_checkpoint(folder), "F32", _prov())
+    return out
+
+
+def _ids(n: int = 40) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, n)
+
+
+def _torch_logits(folder_or_ckpt: Path, ids: np.ndarray) -> np.ndarray:
+    from cllm.core.eval.backends import build_torch_model
+
+    model = build_torch_model(open_checkpoint(folder_or_ckpt))
+    with torch.inference_mode():
+        return model(torch.as_tensor(ids)[None], use_cache=False).logits[0].numpy()
+
+
+def _llamacpp_logits(gguf: Path, ids: np.ndarray) -> np.ndarray:
+    from cllm.standalone.guard import load_llama
+
+    # F32 KV cache: llama.cpp's default F16 cache alone costs ~3e-4 relative error
+    llm = load_llama(str(gguf), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
+                     verbose=False, type_k=0, type_v=0, n_threads=2)  # fmt: skip
+    try:
+        llm.eval([int(t) for t in ids])
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_spec_tensors_are_transformers_tensors(family: str) -> None:
+    """The spec's per-layer table (names and shapes) is exactly the model class's."""
+    from transformers import AutoModelForCausalLM
+
+    from cllm.formats.arch import spec_for_config
+
+    cfg = tiny_family_config(family)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    have = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    want = spec_for_config(cfg.to_dict()).expected_shapes(cfg.to_dict())
+    optional = {n for n in want if n.endswith(".bias")}
+    assert set(have) <= set(want)
+    assert set(want) - set(have) <= optional
+    for name, shape in have.items():
+        assert want[name] == shape, name
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_llamacpp_runs_the_gguf_as_transformers_runs_the_model(
+    family: str, family_dirs: dict[str, Path], f32_ggufs: dict[str, Path]
+) -> None:
+    ids = _ids()
+    ref = _torch_logits(family_dirs[family], ids)
+    got = _llamacpp_logits(f32_ggufs[family], ids)
+    assert _rel(got, ref) <= 1e-3
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gguf_reads_back_as_the_same_model(
+    family: str, family_dirs: dict[str, Path], f32_ggufs: dict[str, Path]
+) -> None:
+    src = open_checkpoint(family_dirs[family])
+    back = open_checkpoint(f32_ggufs[family])
+    assert set(back.tensor_infos()) == set(src.tensor_infos()) - (
+        {"lm_head.weight"} if src.config.get("tie_word_embeddings") else set()
+    )
+    for name in back.tensor_infos():
+        # Gemma's norms are stored as 1 + w: float32 rounding of the sum, nothing more
+        torch.testing.assert_close(back.get(name), src.get(name), rtol=0, atol=2e-7)
+    ids = _ids()
+    torch_ref = _torch_logits(family_dirs[family], ids)
+    assert _rel(_torch_logits(f32_ggufs[family], ids), torch_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_q8_0_matches_llamacpp_quantizer(
+    family: str, f32_ggufs: dict[str, Path], family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """cllm's Q8_0 and llama.cpp's own quantizer, from the same F32 file: same blocks
+    wherever both chose Q8_0, and both run."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    ours = tmp_path / "ours.Q8_0.gguf"
+    save_gguf(ours, open_checkpoint(family_dirs[family]), "Q8_0", _prov())
+    theirs = tmp_path / "theirs.Q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    rc = llama_cpp.llama_model_quantize(
+        str(f32_ggufs[family]).encode(), str(theirs).encode(), params
+    )
+    assert rc == 0
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert set(a) == set(b)
+    both = [n for n in a if a[n].tensor_type.name == b[n].tensor_type.name == "Q8_0"]
+    assert len(both) >= len(a) // 2
+    for name in both:
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    ids = _ids(24)
+    la, lb = _llamacpp_logits(ours, ids), _llamacpp_logits(theirs, ids)
+    assert _rel(la, lb) <= 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_hf_gguf_hf_round_trip_keeps_every_tensor(
+    family: str, family_dirs: dict[str, Path], f32_ggufs: dict[str, Path], tmp_path: Path
+) -> None:
+    from cllm.formats.save import plan_tensors, save_single_file
+
+    first = open_checkpoint(f32_ggufs[family])
+    mid = tmp_path / "mid.safetensors"
+    save_single_file(
+        mid, first.config, plan_tensors(first), first.tokenizer_dir(), _prov(), first.gguf_kv
+    )
+    again = open_checkpoint(mid)
+    src = open_checkpoint(family_dirs[family])
+    assert again.config["model_type"] in (src.config["model_type"], "llama")
+    for name in first.tensor_infos():
+        torch.testing.assert_close(again.get(name), src.get(name), rtol=0, atol=2e-7)
