@@ -160,3 +160,64 @@ def test_hf_gguf_hf_round_trip_keeps_every_tensor(
     assert again.config["model_type"] in (src.config["model_type"], "llama")
     for name in first.tensor_infos():
         torch.testing.assert_close(again.get(name), src.get(name), rtol=0, atol=2e-7)
+
+
+TOKENIZER_TEXT = (
+    "Hello world! \u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440 \u4f60\u597d "
+    "3 33 333 3333 33333   spaces\t\ttabs\n\nnew lines I've \U0001f999 caf\u00e9 "
+)
+# what llama.cpp must be told for each family's tokenizer
+GGML_MODEL = {"llama": ("gpt2", "gpt-2"), "llama3": ("gpt2", "llama-bpe"),
+              "mistral": ("llama", "default"), "qwen2": ("gpt2", "qwen2"),
+              "qwen3": ("gpt2", "qwen2"), "gemma3": ("llama", "default"),
+              "phi3": ("llama", "default")}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_tokenizer_ids_agree_in_llamacpp_and_after_reading_back(
+    family: str, family_dirs: dict[str, Path], f32_ggufs: dict[str, Path]
+) -> None:
+    """The source tokenizer, llama.cpp running the GGUF's vocabulary, and the tokenizer
+    cllm converts back from the GGUF give the same ids, special tokens included."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from cllm.standalone.guard import load_llama
+
+    src = AutoTokenizer.from_pretrained(family_dirs[family])
+    special = src.eos_token
+    text = TOKENIZER_TEXT + special + " after"
+    want = src.encode(text, add_special_tokens=False)
+    assert src.convert_tokens_to_ids(special) in want
+
+    fields = GGUFReader(f32_ggufs[family]).fields
+    model, pre = GGML_MODEL[family]
+    assert fields["tokenizer.ggml.model"].contents() == model
+    assert fields["tokenizer.ggml.pre"].contents() == pre
+
+    llm = load_llama(str(f32_ggufs[family]), vocab_only=True, verbose=False)
+    try:
+        got = llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert got == want
+
+    back = AutoTokenizer.from_pretrained(open_checkpoint(f32_ggufs[family]).tokenizer_dir())
+    assert back.encode(text, add_special_tokens=False) == want
+    assert back.decode(want) == src.decode(want)
+
+
+def test_unknown_bpe_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cllm.errors import UsageError
+    from cllm.formats.gguf_vocab import bpe_pre_name
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abc ")}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d{1,7}"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    import json
+
+    with pytest.raises(UsageError, match="pre-tokenizer is not one llama.cpp implements"):
+        bpe_pre_name(fast, json.loads(tok.to_str()))

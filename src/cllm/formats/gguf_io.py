@@ -317,7 +317,8 @@ class GGUFCheckpoint(Checkpoint):
 
         if "tokenizer.ggml.tokens" not in self.reader.fields:
             raise InputError(f"{self.path} carries no tokenizer")
-        target = cache_dir() / "tokenizers" / ("gguf-" + self.tokenizer_hash[:16])
+        # "gguf2": SentencePiece vocabularies are converted by cllm (see _spm_tokenizer)
+        target = cache_dir() / "tokenizers" / ("gguf2-" + self.tokenizer_hash[:16])
         if not (target / "tokenizer_config.json").exists():
             import logging
 
@@ -325,7 +326,12 @@ class GGUFCheckpoint(Checkpoint):
 
             logging.getLogger("transformers").setLevel(logging.ERROR)
             try:
-                tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+                if self.kv("tokenizer.ggml.model") == "llama":
+                    tok = self._spm_tokenizer()
+                else:
+                    tok = AutoTokenizer.from_pretrained(
+                        str(self.path.parent), gguf_file=self.path.name
+                    )
             except Exception as exc:  # noqa: BLE001 - converter errors are not typed
                 raise InputError(
                     f"{self.path}: its tokenizer could not be converted ({exc})"
@@ -335,6 +341,30 @@ class GGUFCheckpoint(Checkpoint):
             if not target.exists():
                 tmp.replace(target)
         return target
+
+    def _spm_tokenizer(self) -> Any:
+        from cllm.formats.gguf_vocab import spm_tokenizer
+
+        def ids(key: str) -> int | None:
+            value = self.kv(f"tokenizer.ggml.{key}_token_id")
+            return None if value is None else int(value)
+
+        tok = spm_tokenizer(
+            [str(t) for t in self.kv("tokenizer.ggml.tokens", [])],
+            [float(x) for x in self.kv("tokenizer.ggml.scores", [])],
+            [int(x) for x in self.kv("tokenizer.ggml.token_type", [])],
+            bool(self.kv("tokenizer.ggml.add_space_prefix", True)),
+            {
+                "bos_token": ids("bos"),
+                "eos_token": ids("eos"),
+                "unk_token": ids("unknown"),
+                "pad_token": ids("padding"),
+            },  # fmt: skip
+        )
+        template = self.kv("tokenizer.chat_template")
+        if isinstance(template, str):
+            tok.chat_template = template
+        return tok
 
     def files(self) -> list[Path]:
         return [self.path]
@@ -389,7 +419,7 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_TOKENIZER_CACHE_VERSION = 1  # bump when _build_tokenizer_fields changes its output
+_TOKENIZER_CACHE_VERSION = 2  # bump when _build_tokenizer_fields changes its output
 
 
 def _tokenizer_fields(
@@ -434,37 +464,24 @@ def _tokenizer_fields(
 def _build_tokenizer_fields(
     tokenizer_dir: Path, vocab_size: int, carried: dict[str, Any]
 ) -> dict[str, Any]:
-    """GGUF tokenizer keys from an HF fast tokenizer (byte-level BPE, llama.cpp's 'gpt2' model)."""
+    """GGUF tokenizer keys from an HF fast tokenizer: byte-level BPE or SentencePiece
+    (see `gguf_vocab`)."""
     from cllm.formats.checkpoint import load_tokenizer
+    from cllm.formats.gguf_vocab import bpe_pre_name, is_sentencepiece, vocab_fields
 
     tok = load_tokenizer(tokenizer_dir)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise UsageError("only fast (tokenizer.json) tokenizers can be written to GGUF")
-    model = json.loads(backend.to_str()).get("model", {})
-    if model.get("type") != "BPE":
+    spec = json.loads(backend.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
         raise UsageError(
-            f"tokenizer model {model.get('type')!r} cannot be written to GGUF yet",
-            "Only byte-level BPE (GPT-2 style) tokenizers are supported",
+            f"tokenizer model {spec.get('model', {}).get('type')!r} cannot be written to GGUF",
+            "Byte-level BPE and SentencePiece BPE tokenizers are supported",
         )
-    vocab = backend.get_vocab(with_added_tokens=True)
-    n = max(vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [5] * n  # UNUSED
-    for text, idx in vocab.items():
-        tokens[idx] = text
-        types[idx] = 1  # NORMAL
-    for idx, added in tok.added_tokens_decoder.items():
-        if idx < n:
-            types[idx] = 3 if added.special else 4  # CONTROL / USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    fields: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": carried.get("tokenizer.ggml.pre", "default"),
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
+    fields = vocab_fields(tok, spec, vocab_size)
+    if not is_sentencepiece(spec):
+        fields["tokenizer.ggml.pre"] = carried.get("tokenizer.ggml.pre") or bpe_pre_name(tok, spec)
     for attr, key in (
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
         ("eos_token_id", "tokenizer.ggml.eos_token_id"),
