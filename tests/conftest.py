@@ -93,6 +93,24 @@ def run_cli(
     return proc
 
 
+def cli_in_process(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The same command through typer's runner in this process: for argument and input
+    checks, where a fresh interpreter (~4-9 s of imports each) proves nothing more. An
+    exception that escaped the CLI's error handling is re-raised, as a traceback would be."""
+    from typer.testing import CliRunner
+
+    from cllm.cli import app
+
+    result = CliRunner().invoke(app, list(args), input=stdin, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(
+        ["cllm", *args], result.exit_code, result.stdout, result.stderr
+    )
+
+
 def quant_provenance(params: dict) -> dict:
     """A provenance record for quantize() calls in tests (fixed parent hash)."""
     from cllm.formats.provenance import make_provenance

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -146,23 +146,26 @@ def test_pipeline_export_then_eval_with_kld(
 
 def test_quality_gates_exit_3(tiny_model: Path, tiny_text: Path) -> None:
     base = ["eval", str(tiny_model), "--text", str(tiny_text), "--ctx", "64", "--chunks", "1"]
-    ok = run_cli(*base, "--fail-under", "1e9", "--json")
+    ok = cli_in_process(*base, "--fail-under", "1e9", "--json")
     assert ok.returncode == 0
-    bad = run_cli(*base, "--fail-under", "1.0")
+    bad = run_cli(*base, "--fail-under", "1.0")  # the exit code a shell sees
     assert bad.returncode == 3
     assert bad.stderr.strip().splitlines()[-1].startswith("cllm eval: error: perplexity")
-    kld = run_cli(*base, "--kld-base", str(tiny_model), "--max-kld", "-1")
+    kld = cli_in_process(*base, "--kld-base", str(tiny_model), "--max-kld", "-1")
     assert kld.returncode == 3 and "mean KLD" in kld.stderr
 
 
 def test_provenance_chain_through_formats(tiny_model: Path, tmp_path: Path) -> None:
     g = tmp_path / "a.gguf"
     s = tmp_path / "b.safetensors"
-    run_cli(
-        "export", str(tiny_model), "--to", "gguf", "--gguf-type", "F16", "-o", str(g), check=True
+    assert (
+        cli_in_process(
+            "export", str(tiny_model), "--to", "gguf", "--gguf-type", "F16", "-o", str(g)
+        ).returncode
+        == 0
     )
-    run_cli("export", str(g), "--to", "safetensors", "--single-file", "-o", str(s), check=True)
-    rep = json.loads(run_cli("info", str(s), "--json", "--no-sparsity", check=True).stdout)
+    cli_in_process("export", str(g), "--to", "safetensors", "--single-file", "-o", str(s))
+    rep = json.loads(cli_in_process("info", str(s), "--json", "--no-sparsity").stdout)
     chain = rep["provenance"]
     assert [c["params"]["to"] for c in chain] == ["safetensors", "gguf"]
     from cllm.formats.hashing import file_sha256

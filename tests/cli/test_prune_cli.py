@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cllm.cli import app
 from cllm.formats.checkpoint import open_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 CAL = ["--calib-samples", "8", "--calib-seqlen", "64"]
 
@@ -74,7 +74,8 @@ def test_sensitivity_dry_run_measures_nothing(tiny_model: Path, tmp_path: Path) 
     and write its files (quantize); prune's shares the pipeline."""
     for cmd in (["quantize"], ["prune", "--method", "wanda"]):
         out = tmp_path / f"{cmd[0]}.json"
-        p = run_cli(cmd[0], str(tiny_model), *cmd[1:], "--sensitivity", "--dry-run", "-o", str(out))
+        p = cli_in_process(cmd[0], str(tiny_model), *cmd[1:], "--sensitivity", "--dry-run",
+                           "-o", str(out))  # fmt: skip
         assert p.returncode == 0, p.stderr
         assert p.stdout.split() == [str(out), str(out.with_suffix(".png"))]
         assert list(tmp_path.iterdir()) == []

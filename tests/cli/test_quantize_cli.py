@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cllm.formats.checkpoint import open_checkpoint
-from tests.conftest import assert_transformers_matches_cllm, run_cli
+from tests.conftest import assert_transformers_matches_cllm, cli_in_process, run_cli
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_bad_quantize_arguments(
     if "--method" in args and "--calib" not in args:
         args = [*args, "--calib", str(tiny_text)]
     out = tmp_path / "out"
-    p = run_cli("quantize", str(tiny_model), *args, "-o", str(out))
+    p = cli_in_process("quantize", str(tiny_model), *args, "-o", str(out))
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("cllm quantize: error:") and needle in lines[-1], p.stderr
@@ -182,7 +182,7 @@ def test_mixed_precision_bad_arguments(tiny_model: Path, tmp_path: Path) -> None
             "cannot read sensitivity file",
         ),
     ):
-        p = run_cli("quantize", str(tiny_model), *args, "-o", str(tmp_path / "x.gguf"))
+        p = cli_in_process("quantize", str(tiny_model), *args, "-o", str(tmp_path / "x.gguf"))
         assert p.returncode == 2, (args, p.stderr)
         assert needle in p.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "x.gguf").exists()

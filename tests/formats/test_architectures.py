@@ -221,3 +221,28 @@ def test_unknown_bpe_pre_tokenizer_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="pre-tokenizer is not one llama.cpp implements"):
         bpe_pre_name(fast, json.loads(tok.to_str()))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_chat_template_and_special_tokens_are_carried(
+    family: str, family_dirs: dict[str, Path], f32_ggufs: dict[str, Path]
+) -> None:
+    """The chat template reaches the GGUF (where llama.cpp's chat code reads it) and comes
+    back; a rendered conversation tokenizes to the same ids, BOS/EOS ids included."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    src = AutoTokenizer.from_pretrained(family_dirs[family])
+    assert src.chat_template
+    fields = GGUFReader(f32_ggufs[family]).fields
+    assert fields["tokenizer.chat_template"].contents() == src.chat_template
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == src.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == src.eos_token_id
+    back = AutoTokenizer.from_pretrained(open_checkpoint(f32_ggufs[family]).tokenizer_dir())
+    chat = [
+        {"role": "user", "content": "the cat sat"},
+        {"role": "assistant", "content": "on a mat"},
+    ]
+    want = src.apply_chat_template(chat, tokenize=True)
+    assert back.apply_chat_template(chat, tokenize=True) == want
+    assert (back.bos_token_id, back.eos_token_id) == (src.bos_token_id, src.eos_token_id)

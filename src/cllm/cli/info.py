@@ -81,7 +81,8 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
     rows = [
         ("path", report.path),
         ("format", report.format),
-        ("architecture", report.architecture),
+        ("architecture", _architecture(report)),
+        *(("", f) for f in report.features),
         ("layers", str(report.layers)),
         ("hidden size", str(report.hidden_size)),
         ("heads (kv)", f"{report.heads} ({report.kv_heads})"),
@@ -121,6 +122,12 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
         con.print(prov)
     else:
         con.print("provenance: none recorded (not made by cllm)")
+
+
+def _architecture(report: InfoReport) -> str:
+    if report.family is None:
+        return f"{report.architecture} (not supported by cllm's commands)"
+    return f"{report.architecture} ({report.family})"
 
 
 def _sparsity_rows(report: InfoReport) -> list[tuple[str, str]]:

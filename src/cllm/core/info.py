@@ -44,6 +44,8 @@ class InfoReport:
     linear_sparsity: float | None = None
     sparsity_layers: list[float] | None = None  # per decoder layer, over its linear weights
     nm_pattern: str | None = None  # e.g. "2:4" when every linear weight follows it
+    family: str | None = None  # e.g. "Qwen3"; None for an architecture cllm does not know
+    features: list[str] = field(default_factory=list)  # what sets this model apart from Llama
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +136,7 @@ def inspect_checkpoint(
 ) -> InfoReport:
     """Summarise a checkpoint. Sparsity reads every tensor once (streamed), the rest is header-only."""
     cfg = ckpt.config
+    family, features = describe_family(cfg)
     types: dict[str, TypeStat] = {}
     params = 0
     tensor_bytes = 0
@@ -177,7 +180,23 @@ def inspect_checkpoint(
         linear_sparsity=counter.linear_sparsity if counter is not None else None,
         sparsity_layers=counter.layers if counter is not None else None,
         nm_pattern=counter.nm_pattern if counter is not None else None,
+        family=family,
+        features=features,
     )
+
+
+def describe_family(config: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The family's name and this model's distinguishing features; (None, []) for a model
+    type cllm does not support (info still shows what the file holds)."""
+    from cllm.errors import CllmError
+    from cllm.formats.arch import spec_for_config
+    from cllm.formats.arch.describe import features
+
+    try:
+        spec = spec_for_config(config)
+        return spec.label, features(spec, config)
+    except (CllmError, KeyError, TypeError, ValueError):
+        return None, []
 
 
 def inspect_folder_artifact(path: Path) -> dict[str, Any] | None:

@@ -179,8 +179,11 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
     if aliases.is_alias(text) and not Path(text).exists():
         return open_checkpoint(aliases.resolve(text))
     path = Path(text).expanduser()
-    if not path.exists() and _looks_like_hub_id(text):
-        path = _download_from_hub(text)
+    if not path.exists():
+        from cllm.formats import hub
+
+        if hub.looks_like_hub_id(text):
+            path = hub.download(text)
     if not path.exists():
         hint = "Give a path to a .safetensors or .gguf file or an HF folder"
         if aliases.ALIASES:
@@ -205,34 +208,6 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
         f"cannot tell the format of {path}",
         "Use a .safetensors or .gguf file or an HF folder with config.json",
     )
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    import re
-
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith(
-        (".", "/")
-    )
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    """For online users: an HF hub id is fetched (safetensors, config, tokenizer only). Never required."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise InputError(
-            f"no such file or folder: {repo_id}", "Install huggingface_hub to load hub ids"
-        ) from exc
-    try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
-        )
-    except Exception as exc:  # noqa: BLE001 - hub errors are many and untyped; all mean "not available"
-        raise InputError(
-            f"no such file or folder: {repo_id}, and it could not be fetched from the hub ({type(exc).__name__})",
-            "Give a local path or an alias, or check the network",
-        ) from exc
-    return Path(folder)
 
 
 def _read_head(path: Path) -> bytes:

@@ -63,11 +63,13 @@ def run_builder(
     """
     target = "cuda" if precision == "fp16" else "cpu"
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "cllm.formats.genai_builder",
         "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", target, "-c", str(cache_dir),
     ]  # fmt: skip
-    if extra:
-        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
+    # full-length KV caches on sliding-window layers too: cllm's decoder loop (and the board
+    # runner) feeds every layer the same cache layout; the window is applied by attention
+    extra = {"windowed_kv_cache": "false", **extra}
+    cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_file, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
@@ -88,12 +90,25 @@ def run_builder(
             )
         if "No module named" in last and "onnxruntime_genai" in last:
             raise UsageError("ONNX export needs onnxruntime-genai", "pip install 'cllm[onnx]'")
-        raise RuntimeFailure(f"ONNX model builder failed: {last}", f"full log: {log_file}")
+        raise RuntimeFailure(
+            f"ONNX model builder failed: {last}", f"full log: {_keep_log(log_file)}"
+        )
     if target != "cpu":
         cfg_file = out_dir / "genai_config.json"
         cfg = json.loads(cfg_file.read_text())
         cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []
         cfg_file.write_text(json.dumps(cfg, indent=4))
+
+
+def _keep_log(log_file: Path) -> Path:
+    """A copy of a failed build's log outside the work folder, which is removed on the way out."""
+    import shutil
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="cllm-onnx-builder-", suffix=".log")
+    os.close(fd)
+    shutil.copyfile(log_file, name)
+    return Path(name)
 
 
 # onnxruntime operators that graphs use in the default ONNX domain although the ONNX standard

@@ -97,6 +97,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072,
     }),
     "mistral": ("mistral", {"sliding_window": None, "rope_theta": 1000000.0, **_SPM_IDS}),
     "qwen2": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1000000.0, "vocab_size": 384}),
@@ -108,10 +109,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "sliding_window": 8, "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
         "rms_norm_eps": 1e-6, **_SPM_IDS,
     }),
+    # two heads of 32 with half of each rotated: onnxruntime's attention wants the rotary
+    # half-width to be a multiple of 8 (Phi-4-mini: 128 * 0.75 / 2 = 48)
     "phi3": ("phi3", {
+        "num_attention_heads": 2, "num_key_value_heads": 1,
         "original_max_position_embeddings": 1024, "sliding_window": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                            "partial_rotary_factor": 0.75},
+                            "partial_rotary_factor": 0.5},
         **_SPM_IDS,
     }),
 }  # fmt: skip
@@ -153,8 +157,18 @@ def save_tiny_family(folder: Path, family: str, seed: int = 0, **overrides: Any)
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_family_model(family, seed, **overrides)
     model.save_pretrained(str(folder), safe_serialization=True)
-    family_tokenizer(TOKENIZER_KIND[family]).save_pretrained(str(folder))
+    tok = family_tokenizer(TOKENIZER_KIND[family])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
     return folder
+
+
+# a small chat template of the usual shape (role markers, BOS/EOS around turns), so that
+# carrying templates through GGUF is tested per family
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>\n{% endif %}"
+)
 
 
 # a little of everything a tokenizer has to get right: scripts, digit runs, whitespace

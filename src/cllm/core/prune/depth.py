@@ -33,7 +33,7 @@ from cllm.core.prune.structured import (
     require_float,
 )
 from cllm.errors import UsageError
-from cllm.formats.arch import structure_for_config
+from cllm.formats.arch import layers_for_config
 from cllm.formats.safetensors_io import PlannedTensor
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class DepthConfig(CalibrationOptions):
     def check_model(self, ckpt: Checkpoint) -> None:
         """Refusals that need the model, run by the job pipeline before any work."""
         require_float(ckpt, self.dequantize)
-        n_layers = int(ckpt.config[structure_for_config(ckpt.config).layers_key])
+        n_layers = int(ckpt.config[layers_for_config(ckpt.config).layers_key])
         if self.drop_layers >= n_layers:
             raise UsageError(
                 f"--drop-layers {self.drop_layers} leaves no layer of the model's {n_layers}",
@@ -102,7 +102,7 @@ def _renamed(ckpt: Checkpoint, old: str, new: str) -> PlannedTensor:
 
 @PRUNERS.register("depth", DepthConfig)
 def prune_depth(ckpt: Checkpoint, cfg: DepthConfig, ctx: PruneContext) -> PrunedModel:
-    st = structure_for_config(ckpt.config)
+    st = layers_for_config(ckpt.config)
     cfg.check_model(ckpt)
     n_layers = int(ckpt.config[st.layers_key])
     n = cfg.drop_layers

@@ -12,16 +12,18 @@ from typing import Any
 from cllm.errors import InputError
 from cllm.formats.arch.families import ARCHS, BY_MODEL_TYPE
 from cllm.formats.arch.spec import LAYER_PREFIX, ArchSpec, AwqGroup, check_shapes_for
-from cllm.formats.arch.structure import Structure, UnitAxes
+from cllm.formats.arch.structure import DECODER_LAYERS, Layers, Structure, UnitAxes
 
 __all__ = [
     "ARCHS",
     "LAYER_PREFIX",
     "ArchSpec",
     "AwqGroup",
+    "Layers",
     "Structure",
     "UnitAxes",
     "check_shapes",
+    "layers_for_config",
     "spec_for_config",
     "spec_for_gguf",
     "structure_for_config",
@@ -66,9 +68,15 @@ def structure_for_config(config: dict[str, Any]) -> Structure:
     if spec.structure is None:
         raise InputError(
             f"{spec.label} cannot be pruned structurally: {spec.no_structure_reason}",
-            "Depth pruning (--method layers) and unstructured pruning work for it",
+            "Depth pruning (--drop-layers) and unstructured pruning work for it",
         )
     return spec.structure
+
+
+def layers_for_config(config: dict[str, Any]) -> Layers:
+    """How the family's decoder layers are named and counted (depth pruning's view)."""
+    spec = spec_for_config(config)
+    return spec.structure if spec.structure is not None else DECODER_LAYERS
 
 
 def check_shapes(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str) -> None:

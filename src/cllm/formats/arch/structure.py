@@ -31,16 +31,43 @@ class UnitAxes:
 
 
 @dataclass(frozen=True)
-class Structure:
-    """What width and depth pruning need to know about a decoder-only family.
+class Layers:
+    """How decoder layers are named and counted: all that depth pruning needs, so it works
+    for families whose width cannot be pruned (Phi-3's fused projections)."""
+
+    layer_prefix: str  # decoder layer i's tensors are named f"{layer_prefix}{i}.<suffix>"
+    layers_key: str  # config key of the layer count
+    per_layer_keys: tuple[str, ...]  # config lists holding one entry per layer
+
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        """(layer index, suffix) of a decoder-layer tensor; None for any other tensor."""
+        m = re.fullmatch(re.escape(self.layer_prefix) + r"(\d+)\.(.+)", name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def layer_tensor(self, i: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{i}.{suffix}"
+
+    def renumbered(self, name: str, new_index: dict[int, int]) -> str | None:
+        """The name `name` takes when layers are renumbered by `new_index` (old -> new);
+        None for a tensor of a layer that is not kept. Non-layer tensors keep their name."""
+        where = self.layer_of(name)
+        if where is None:
+            return name
+        i, suffix = where
+        return self.layer_tensor(new_index[i], suffix) if i in new_index else None
+
+
+DECODER_LAYERS = Layers("model.layers.", "num_hidden_layers", ("layer_types",))
+
+
+@dataclass(frozen=True)
+class Structure(Layers):
+    """What width pruning needs to know about a decoder-only family, besides its layers.
 
     The `*_tap` entries name the modules (relative to a decoder layer) whose inputs or
     outputs carry one value per unit, which is where activation importance is measured.
     """
 
-    layer_prefix: str  # decoder layer i's tensors are named f"{layer_prefix}{i}.<suffix>"
-    layers_key: str  # config key of the layer count
-    per_layer_keys: tuple[str, ...]  # config lists holding one entry per layer
     hidden_key: str
     ffn_key: str
     heads_key: str
@@ -64,23 +91,6 @@ class Structure:
     hidden_multiple_of_heads: bool = False
     # None: the hidden width can be pruned; else the reason it cannot (said to the user)
     hidden_fixed: str | None = None
-
-    def layer_of(self, name: str) -> tuple[int, str] | None:
-        """(layer index, suffix) of a decoder-layer tensor; None for any other tensor."""
-        m = re.fullmatch(re.escape(self.layer_prefix) + r"(\d+)\.(.+)", name)
-        return (int(m.group(1)), m.group(2)) if m else None
-
-    def layer_tensor(self, i: int, suffix: str) -> str:
-        return f"{self.layer_prefix}{i}.{suffix}"
-
-    def renumbered(self, name: str, new_index: dict[int, int]) -> str | None:
-        """The name `name` takes when layers are renumbered by `new_index` (old -> new);
-        None for a tensor of a layer that is not kept. Non-layer tensors keep their name."""
-        where = self.layer_of(name)
-        if where is None:
-            return name
-        i, suffix = where
-        return self.layer_tensor(new_index[i], suffix) if i in new_index else None
 
 
 LLAMA_STRUCTURE = Structure(
