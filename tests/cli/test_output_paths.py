@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, start_atomic_writer
+from tests.conftest import cli_in_process, run_cli, start_atomic_writer
 
 MODEL = "{model}"
 WRITERS = {
@@ -67,7 +67,9 @@ def test_foreign_output_path_is_refused_and_left_untouched(
         out.write_bytes(b"\x00not cllm's\xff")
     before = _snapshot(tmp_path)
     args = _args(name, tiny_model)
-    p = run_cli(*args, "-o", str(out))
+    # the refusal comes before any work: in process (the file case runs a real process)
+    run = cli_in_process if what == "folder" else run_cli
+    p = run(*args, "-o", str(out))
     line = _one_error_line(p, args[0])
     assert line == (
         f"cllm {args[0]}: error: -o {out} is an existing {what} that cllm did not write. "
@@ -82,7 +84,7 @@ def test_force_and_dry_run_do_not_override_the_refusal(tiny_model: Path, tmp_pat
     (out / "keep.txt").write_text("keep")
     before = _snapshot(tmp_path)
     for extra in ("--force", "--dry-run"):
-        p = run_cli(*_args("export-gguf", tiny_model), "-o", str(out), extra)
+        p = cli_in_process(*_args("export-gguf", tiny_model), "-o", str(out), extra)
         assert "cllm did not write" in _one_error_line(p, "export"), extra
     assert _snapshot(tmp_path) == before
 
@@ -93,7 +95,7 @@ def test_a_cllm_output_of_another_kind_is_refused(tiny_model: Path, tmp_path: Pa
     before = _snapshot(tmp_path)
     for name in ("export-safetensors-folder", "export-onnx", "quantize-packed"):
         args = _args(name, tiny_model)
-        line = _one_error_line(run_cli(*args, "-o", str(g)), args[0])
+        line = _one_error_line(cli_in_process(*args, "-o", str(g)), args[0])
         assert f"-o {g} is a cllm GGUF file, not the " in line, line
     assert _snapshot(tmp_path) == before
 

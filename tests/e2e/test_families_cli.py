@@ -157,6 +157,11 @@ def test_export_onnx_runs_in_onnxruntime(family: tuple, text: Path, tmp_path: Pa
     dec = open_decoder(out)
     prompt = [5, 9, 14, 3, 7, 11]
     assert dec.greedy(prompt, 16, use_cache=True) == dec.greedy(prompt, 16, use_cache=False)
+    # task scoring reuses each question's prefix cache: the same answers as torch
+    tasks = ["--tasks", "arc_easy,winogrande", "--limit", "6"]
+    onnx = cli("eval", str(out), *tasks)["tasks"]
+    ref = cli("eval", str(model), "-b", "torch", *tasks)["tasks"]
+    assert {t: r["acc"] for t, r in onnx.items()} == {t: r["acc"] for t, r in ref.items()}
 
 
 def test_awq_folds_its_scales_exactly(family: tuple, text: Path, tmp_path: Path) -> None:

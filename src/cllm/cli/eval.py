@@ -63,6 +63,23 @@ def eval_cmd(
     allow_nonfinite: bool = typer.Option(
         False, "--allow-nonfinite", help="Evaluate even if weights hold NaN or inf."
     ),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="Task accuracy through lm-eval instead of perplexity: comma-separated, e.g. "
+        "arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada_openai.",
+    ),
+    limit: int = typer.Option(None, "--limit", help="--tasks: the first N items of each task."),
+    num_fewshot: int = typer.Option(
+        None, "--num-fewshot", help="--tasks: examples before each item [default: 0]."
+    ),
+    seed: int = typer.Option(0, "--seed", help="--tasks: seed for few-shot sampling."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="--tasks: requests handed to the backend at a time."
+    ),
+    online: bool = typer.Option(
+        False, "--online", help="--tasks: lm-eval's own task definitions and the hub's data."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Perplexity on WikiText-2 (pinned protocol) and KL divergence against a base.
@@ -76,7 +93,13 @@ def eval_cmd(
         cllm eval smollm2-135m --chunks 16
 
         cllm eval model.gguf --backend llama.cpp --kld-base smollm2-135m --chunks 16
+
+        cllm eval model.gguf -b llama.cpp --tasks arc_easy,hellaswag,piqa --limit 500
     """
+    if tasks:
+        _tasks(checkpoint, backend.value, tasks, limit, num_fewshot, seed, batch_size, threads,
+               online, as_json)  # fmt: skip
+        return
     _eval(
         checkpoint, backend.value, text, ctx, chunks, kld_base, base_backend.value, threads,
         fail_under, max_kld, no_cache, allow_nonfinite, as_json,
@@ -138,6 +161,48 @@ def _eval(
             raise CheckFailed("--max-kld needs --kld-base")
         if result.kld.mean > max_kld:
             raise CheckFailed(f"mean KLD {result.kld.mean:.6f} is above --max-kld {max_kld}")
+
+
+@handle_errors("eval")
+def _tasks(
+    checkpoint: str, backend: str, names: str, limit: int | None, num_fewshot: int | None,
+    seed: int, batch_size: int, threads: int | None, online: bool, as_json: bool,
+) -> None:  # fmt: skip
+    from cllm.core.tasks.run import TaskConfig, run_tasks
+    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
+
+    if online:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+    else:
+        from cllm.core.tasks.local import task_names
+
+        chosen = task_names(names)
+    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX))
+    model: Any = src.onnx if src.kind == ONNX else src.checkpoint
+    if src.kind == ONNX and backend == "torch":
+        backend = "onnxruntime"
+    cfg = TaskConfig(tasks=chosen, backend=backend, limit=limit, num_fewshot=num_fewshot,
+                     seed=seed, batch_size=batch_size, threads=threads, online=online)  # fmt: skip
+    with progress("scoring task requests", None) as advance:
+        result = run_tasks(model, cfg, on_progress=lambda n: [advance() for _ in range(n)])
+    if use_json(as_json):
+        emit_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.model} ({result.backend})", title_justify="left")
+    for col in ("task", "metric", "value", "± stderr", "items", "shots"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for name, r in result.tasks.items():
+        for metric, value in r.items():
+            if metric.endswith("_stderr") or metric in ("samples", "num_fewshot"):
+                continue
+            se = r.get(f"{metric}_stderr")
+            table.add_row(name, metric, f"{value:.4f}", "" if se is None else f"{se:.4f}",
+                          str(r.get("samples")), str(r.get("num_fewshot")))  # fmt: skip
+    out_console().print(table)
+    p = result.protocol
+    out_console().print(f"lm-eval {p['lm_eval']}, {p['task_source']}, seed {p['seed']}")
 
 
 def _print_table(r: EvalResult) -> None:

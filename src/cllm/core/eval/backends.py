@@ -114,6 +114,27 @@ class TorchBackend:
         self.model = None
 
 
+def open_llama(gguf_path: str, n_ctx: int, n_batch: int, threads: int, logits_all: bool) -> Any:
+    """llama.cpp's `Llama` for evaluation (quiet, guarded for AMX), or one clear error."""
+    try:
+        import llama_cpp  # noqa: F401 - the error below is clearer than the guard's
+    except ImportError as exc:
+        raise UsageError(
+            "the llama.cpp backend needs llama-cpp-python",
+            "Install it: pip install llama-cpp-python",
+        ) from exc
+    from cllm.standalone.guard import load_llama
+
+    try:
+        with quiet_stderr():
+            return load_llama(
+                str(gguf_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                logits_all=logits_all, n_threads=threads, n_threads_batch=threads, verbose=False,
+            )  # fmt: skip
+    except (ValueError, RuntimeError) as exc:
+        raise RuntimeFailure(f"llama.cpp could not load {gguf_path}: {exc}") from exc
+
+
 class LlamaCppSession:
     """llama.cpp in this process. Only ever built inside a worker process (`LlamaCppBackend`):
     a crash of llama.cpp's kernels would otherwise take cllm down with it."""
@@ -121,30 +142,8 @@ class LlamaCppSession:
     name = "llama.cpp"
 
     def __init__(self, gguf_path: str, ctx: int, threads: int | None = None) -> None:
-        try:
-            import llama_cpp  # noqa: F401 - the error below is clearer than the guard's
-        except ImportError as exc:
-            raise UsageError(
-                "the llama.cpp backend needs llama-cpp-python",
-                "Install it: pip install llama-cpp-python",
-            ) from exc
-        from cllm.standalone.guard import load_llama
-
         self.threads = threads or min(os.cpu_count() or 1, 8)
-        try:
-            with quiet_stderr():
-                self.llm: Any = load_llama(
-                    str(gguf_path),
-                    n_ctx=ctx,
-                    n_batch=ctx,
-                    n_ubatch=ctx,
-                    logits_all=True,
-                    n_threads=self.threads,
-                    n_threads_batch=self.threads,
-                    verbose=False,
-                )
-        except (ValueError, RuntimeError) as exc:
-            raise RuntimeFailure(f"llama.cpp could not load {gguf_path}: {exc}") from exc
+        self.llm: Any = open_llama(gguf_path, ctx, ctx, self.threads, logits_all=True)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         self.llm.reset()
