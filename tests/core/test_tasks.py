@@ -184,3 +184,29 @@ def test_missing_task_data_says_where_it_looked(tiny_model: Path, tmp_path: Path
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1
     assert str(tmp_path / "tasks" / "piqa.jsonl") in lines[0] and "CLLM_DATA_DIR" in lines[0]
+
+
+def test_llamacpp_scorer_packs_and_splits_like_one_pass(tiny_model: Path, torch_model) -> None:  # noqa: ANN001
+    """With an 8-token batch every group is larger than a batch (prefix and tails in parts),
+    with a 64-token one several groups share a decode: the scores are the same; greedy
+    generation follows torch's."""
+    from cllm.core.eval.backends import gguf_for_llamacpp
+    from cllm.core.tasks.scoring import LlamaCppScorer
+    from cllm.core.tasks.sessions import LlamaCppTaskSession, TorchTaskSession
+
+    ckpt = open_checkpoint(tiny_model)
+    session = LlamaCppTaskSession(str(gguf_for_llamacpp(ckpt)), 64, 2)
+    try:
+        groups = _groups(1)
+        want = _direct_scores(torch_model, groups)
+        for n_batch in (8, 64):
+            session.scorer.close()
+            session.scorer = LlamaCppScorer(session.llm, 64, n_batch)
+            got = session.score(groups)
+            for w_row, g_row in zip(want, got, strict=True):
+                for (w, _), (g, _) in zip(w_row, g_row, strict=True):
+                    assert g == pytest.approx(w, abs=2e-3 * max(1.0, abs(w))), n_batch
+        prompt = [5, 9, 14, 3, 7, 11]
+        assert session.generate(prompt, 12, []) == TorchTaskSession(ckpt).generate(prompt, 12, [])
+    finally:
+        session.close()

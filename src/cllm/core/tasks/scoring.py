@@ -39,54 +39,132 @@ def _score_rows(logits: np.ndarray, target: list[int]) -> Score:
 
 
 class LlamaCppScorer:
-    """Drives llama-cpp-python's context directly: positions `[0, n_past)` stay in the KV
-    cache between calls, so a prefix shared with the previous group is not evaluated again."""
+    """Drives llama.cpp through its own context: many sequences over one unified KV cache,
+    and several groups in each `llama_decode`. A group's prefix tokens belong to the
+    sequences of all its tails (llama.cpp lets a token carry several sequence ids), each
+    tail to its own, so the prefix is evaluated once and every tail attends to it; logits
+    are asked for only at the tails' positions. A weight-bound model thus pays one pass over
+    its weights per batch of up to `n_batch` tokens, not one per question or per choice."""
 
-    def __init__(self, llm: Any) -> None:
+    MAX_SEQ = 64
+
+    def __init__(self, llm: Any, n_ctx: int, n_batch: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
         self.llm = llm
+        params = llama_cpp.llama_context_default_params()
+        for name, *_ in type(params)._fields_:  # the loaded model's settings (threads, ...)
+            setattr(params, name, getattr(llm.context_params, name))
+        params.n_ctx = max(n_ctx, n_batch)
+        params.n_batch = params.n_ubatch = n_batch
+        # llama.cpp reserves an output row per sequence within a batch: no more sequences
+        # than batch slots
+        self.max_seq = min(self.MAX_SEQ, n_batch)
+        params.n_seq_max = self.max_seq
+        params.kv_unified = True
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.batch = _internals.LlamaBatch(
+            n_tokens=n_batch, embd=0, n_seq_max=self.max_seq, verbose=False
+        )
         self.n_vocab = int(llm.n_vocab())
-        self.n_batch = int(llm.n_batch)
-        self.n_ctx = int(llm.n_ctx())
-        self.cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.n_batch = n_batch
+        self.n_ctx = n_ctx
 
-    def _decode(self, tokens: list[int], n_past: int, logits_rows: bool) -> np.ndarray | None:
-        """Evaluate `tokens` at positions n_past...; the logits of every one of them when
-        `logits_rows`, else none kept (llama.cpp still computes the last row)."""
-        ctx, batch = self.llm._ctx, self.llm._batch
-        ctx.kv_cache_seq_rm(-1, n_past, -1)
-        rows = []
-        for i in range(0, len(tokens), self.n_batch):
-            part = tokens[i : i + self.n_batch]
-            batch.set_batch(batch=part, n_past=n_past + i, logits_all=logits_rows)
-            ctx.decode(batch)
-            if logits_rows:
-                out = np.ctypeslib.as_array(ctx.get_logits(), shape=(len(part) * self.n_vocab,))
-                rows.append(out.reshape(len(part), self.n_vocab).copy())
-        return np.concatenate(rows) if rows else None
+    def _run(self, items: list[tuple[int, int, list[int], bool]]) -> np.ndarray:
+        """One `llama_decode` of (token, position, sequence ids, wants logits); the logit
+        rows asked for, in order."""
+        b = self.batch.batch
+        b.n_tokens = len(items)
+        for i, (tok, pos, seqs, want) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(seqs), want
+            for k, sq in enumerate(seqs):
+                b.seq_id[i][k] = sq
+        self.ctx.decode(self.batch)
+        rows = sum(1 for it in items if it[3])
+        if not rows:
+            return np.zeros((0, self.n_vocab), np.float32)
+        out = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(rows * self.n_vocab,))
+        return out.reshape(rows, self.n_vocab).copy()
+
+    def _size(self, group: Group) -> tuple[int, int]:
+        prefix, tails = group
+        return len(prefix) + sum(len(t) for t, _ in tails), len(tails)
 
     def score(self, groups: list[Group]) -> list[list[Score]]:
-        results = []
-        for prefix, tails in groups:
-            longest = max(len(t) for t, _ in tails) if tails else 0
-            if len(prefix) + longest > self.n_ctx:
-                raise ValueError(f"request of {len(prefix) + longest} tokens > n_ctx {self.n_ctx}")
-            # the prefix: reuse what the cache already holds, evaluate the rest without logits
-            keep = 0
-            for a, b in zip(self.cached, prefix, strict=False):
-                if a != b:
+        results: list[list[Score]] = []
+        i = 0
+        while i < len(groups):
+            tokens, seqs = self._size(groups[i])
+            if tokens > self.n_batch or seqs > self.max_seq:
+                results.append(self._alone(groups[i]))
+                i += 1
+                continue
+            pack = [groups[i]]
+            while i + len(pack) < len(groups):
+                t, q = self._size(groups[i + len(pack)])
+                if tokens + t > self.n_batch or seqs + q > self.max_seq:
                     break
-                keep += 1
-            if keep < len(prefix):
-                self._decode(prefix[keep:], keep, logits_rows=False)
-            self.cached = list(prefix)
-            out = []
-            for tail, target in tails:
-                logits = self._decode(tail, len(prefix), logits_rows=True)
-                assert logits is not None
-                out.append(_score_rows(logits, target))
-            # the cache now holds prefix + the last tail; only the prefix is trusted
-            results.append(out)
+                pack.append(groups[i + len(pack)])
+                tokens, seqs = tokens + t, seqs + q
+            results += self._pack(pack)
+            i += len(pack)
         return results
+
+    def _pack(self, pack: list[Group]) -> list[list[Score]]:
+        self.ctx.kv_cache_clear()
+        items: list[tuple[int, int, list[int], bool]] = []
+        seq = 0
+        for prefix, tails in pack:
+            ids = list(range(seq, seq + len(tails)))
+            seq += len(tails)
+            items += [(tok, p, ids, False) for p, tok in enumerate(prefix)]
+            for sq, (tail, _target) in zip(ids, tails, strict=True):
+                items += [(tok, len(prefix) + p, [sq], True) for p, tok in enumerate(tail)]
+        logits = self._run(items)
+        out, at = [], 0
+        for _prefix, tails in pack:
+            row = []
+            for tail, target in tails:
+                row.append(_score_rows(logits[at : at + len(tail)], target))
+                at += len(tail)
+            out.append(row)
+        return out
+
+    def _alone(self, group: Group) -> list[Score]:
+        """A group larger than one batch: its prefix in parts, then each tail in parts."""
+        prefix, tails = group
+        if len(prefix) + max((len(t) for t, _ in tails), default=0) > self.n_ctx:
+            raise ValueError(f"a request longer than the context ({self.n_ctx} tokens)")
+        self.ctx.kv_cache_clear()
+        for s in range(0, len(prefix), self.n_batch):
+            part = prefix[s : s + self.n_batch]
+            self._run([(tok, s + p, [0], False) for p, tok in enumerate(part)])
+        out = []
+        for tail, target in tails:
+            self.ctx.kv_cache_seq_rm(0, len(prefix), -1)
+            rows = []
+            for s in range(0, len(tail), self.n_batch):
+                part = tail[s : s + self.n_batch]
+                start = len(prefix) + s
+                rows.append(self._run([(tok, start + p, [0], True) for p, tok in enumerate(part)]))
+            out.append(_score_rows(np.concatenate(rows), target))
+        return out
+
+    def next_logits(self, tokens: list[int], n_past: int) -> np.ndarray:
+        """Greedy generation on sequence 0: `tokens` at n_past...; the last one's logits."""
+        if n_past == 0:
+            self.ctx.kv_cache_clear()
+        last = np.zeros(0)
+        for s in range(0, len(tokens), self.n_batch):
+            part = tokens[s : s + self.n_batch]
+            flags = [(tok, n_past + s + p, [0], p == len(part) - 1) for p, tok in enumerate(part)]
+            last = self._run(flags)[-1]
+        return last
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
 
 
 # -- onnxruntime ---------------------------------------------------------------------

@@ -26,8 +26,9 @@ class LlamaCppTaskSession:
         from cllm.core.eval.backends import open_llama
 
         threads = threads or min(os.cpu_count() or 1, 8)
-        self.llm: Any = open_llama(gguf_path, n_ctx, min(n_ctx, 512), threads, logits_all=False)
-        self.scorer = LlamaCppScorer(self.llm)
+        # the Llama object only loads the weights; the scorer makes its own context
+        self.llm: Any = open_llama(gguf_path, 64, 64, threads, logits_all=False)
+        self.scorer = LlamaCppScorer(self.llm, n_ctx, min(n_ctx, 512))
 
     def score(self, groups: list[Group]) -> list[list[Score]]:
         return self.scorer.score(groups)
@@ -38,19 +39,16 @@ class LlamaCppTaskSession:
         def next_logits(tokens: list[int], reset: bool) -> np.ndarray:
             if reset:
                 n_past[0] = 0
-                self.scorer.cached = []
-            rows = self.scorer._decode(tokens, n_past[0], logits_rows=True)
+            row = self.scorer.next_logits(tokens, n_past[0])
             n_past[0] += len(tokens)
-            assert rows is not None
-            return rows[-1]
+            return row
 
-        out = greedy_tokens(next_logits, prompt, max_new, set(stop))
-        self.scorer.cached = []  # positions past the prompt hold generated tokens
-        return out
+        return greedy_tokens(next_logits, prompt, max_new, set(stop))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
+            self.scorer.close()
             llm.close()
             self.llm = None
 
@@ -96,8 +94,16 @@ class TorchTaskSession:
         return torch_score(self.model, groups, self.batch_size)
 
     def generate(self, prompt: list[int], max_new: int, stop: list[int]) -> list[int]:
+        import inspect
+
         import torch
 
+        # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns)
+        key = (
+            "cache"
+            if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
         past: list[Any] = [None]
 
         def next_logits(tokens: list[int], reset: bool) -> np.ndarray:
@@ -105,7 +111,7 @@ class TorchTaskSession:
                 past[0] = None
             with torch.inference_mode():
                 out = self.model(
-                    input_ids=torch.as_tensor([tokens]), past_key_values=past[0], use_cache=True
+                    input_ids=torch.as_tensor([tokens]), use_cache=True, **{key: past[0]}
                 )
             past[0] = out.past_key_values
             return out.logits[0, -1].float().numpy()
