@@ -210,3 +210,22 @@ def test_llamacpp_scorer_packs_and_splits_like_one_pass(tiny_model: Path, torch_
         assert session.generate(prompt, 12, []) == TorchTaskSession(ckpt).generate(prompt, 12, [])
     finally:
         session.close()
+
+
+def test_fail_under_task_metrics(tiny_model: Path) -> None:
+    """METRIC=X bars: exit 3 below the bar; a metric no chosen task reports, or a bar that is
+    not METRIC=X, is exit 2 before any work."""
+    base = ["eval", str(tiny_model), "--tasks", "arc_easy", "--limit", "4"]
+    ok = cli_in_process(*base, "--fail-under", "acc=0,arc_easy.acc_norm=0")
+    assert ok.returncode == 0, ok.stderr
+    low = cli_in_process(*base, "--fail-under", "acc=1.01")
+    assert (
+        low.returncode == 3
+        and "arc_easy acc" in low.stderr
+        and "below --fail-under 1.01" in low.stderr
+    )
+    for bar, needle in (("f1=0.5", "none of these tasks reports"),
+                        ("piqa.acc=0.5", "not in --tasks"), ("acc", "is not METRIC=X")):  # fmt: skip
+        bad = cli_in_process(*base, "--fail-under", bar)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], bad.stderr

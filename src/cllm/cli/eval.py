@@ -17,7 +17,7 @@ from cllm.cli._common import (
     progress,
     use_json,
 )
-from cllm.errors import CheckFailed
+from cllm.errors import CheckFailed, UsageError
 
 if TYPE_CHECKING:
     from cllm.core.eval.perplexity import EvalResult
@@ -53,8 +53,11 @@ def eval_cmd(
         BackendName.torch, "--base-backend", help="Backend that computes the base's logits."
     ),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]."),
-    fail_under: float = typer.Option(
-        None, "--fail-under", help="Exit 3 if perplexity is above this (a quality gate)."
+    fail_under: str = typer.Option(
+        None,
+        "--fail-under",
+        help="Exit 3 below the bar: perplexity above X; with --tasks, METRIC=X or "
+        "TASK.METRIC=X (comma-separated), e.g. acc=0.40 or arc_easy.acc_norm=0.35.",
     ),
     max_kld: float = typer.Option(None, "--max-kld", help="Exit 3 if mean KLD is above this."),
     no_cache: bool = typer.Option(
@@ -98,7 +101,7 @@ def eval_cmd(
     """
     if tasks:
         _tasks(checkpoint, backend.value, tasks, limit, num_fewshot, seed, batch_size, threads,
-               online, as_json)  # fmt: skip
+               online, fail_under, as_json)  # fmt: skip
         return
     _eval(
         checkpoint, backend.value, text, ctx, chunks, kld_base, base_backend.value, threads,
@@ -116,7 +119,7 @@ def _eval(
     kld_base: str | None,
     base_backend: str,
     threads: int | None,
-    fail_under: float | None,
+    fail_under: str | None,
     max_kld: float | None,
     no_cache: bool,
     allow_nonfinite: bool,
@@ -154,8 +157,16 @@ def _eval(
         emit_json(result.to_dict())
     else:
         _print_table(result)
-    if fail_under is not None and result.perplexity > fail_under:
-        raise CheckFailed(f"perplexity {result.perplexity:.4f} is above --fail-under {fail_under}")
+    if fail_under is not None:
+        try:
+            bar = float(fail_under)
+        except ValueError:
+            raise UsageError(
+                f"--fail-under {fail_under} is not a perplexity",
+                "Give a number; METRIC=X bars go with --tasks",
+            ) from None
+        if result.perplexity > bar:
+            raise CheckFailed(f"perplexity {result.perplexity:.4f} is above --fail-under {bar}")
     if max_kld is not None:
         if result.kld is None:
             raise CheckFailed("--max-kld needs --kld-base")
@@ -166,9 +177,10 @@ def _eval(
 @handle_errors("eval")
 def _tasks(
     checkpoint: str, backend: str, names: str, limit: int | None, num_fewshot: int | None,
-    seed: int, batch_size: int, threads: int | None, online: bool, as_json: bool,
+    seed: int, batch_size: int, threads: int | None, online: bool, fail_under: str | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
-    from cllm.core.tasks.run import TaskConfig, run_tasks
+    from cllm.core.tasks.run import TaskConfig, check_bars, parse_bars, precheck_bars, run_tasks
     from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
 
     if online:
@@ -181,13 +193,23 @@ def _tasks(
     model: Any = src.onnx if src.kind == ONNX else src.checkpoint
     if src.kind == ONNX and backend == "torch":
         backend = "onnxruntime"
+    bars = parse_bars(fail_under) if fail_under else []  # bad bars fail before any work
+    if not online:
+        precheck_bars(chosen, bars)
     cfg = TaskConfig(tasks=chosen, backend=backend, limit=limit, num_fewshot=num_fewshot,
                      seed=seed, batch_size=batch_size, threads=threads, online=online)  # fmt: skip
     with progress("scoring task requests", None) as advance:
         result = run_tasks(model, cfg, on_progress=lambda n: [advance() for _ in range(n)])
     if use_json(as_json):
         emit_json(result.to_dict())
-        return
+    else:
+        _print_tasks(result)
+    failed = check_bars(result, bars)
+    if failed:
+        raise CheckFailed("; ".join(failed))
+
+
+def _print_tasks(result: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result.model} ({result.backend})", title_justify="left")

@@ -140,3 +140,8 @@ def task_config(name: str, num_fewshot: int | None) -> tuple[dict[str, Any], dic
     if num_fewshot is not None:
         cfg["num_fewshot"] = num_fewshot
     return cfg, {t.file: file_sha256(src)}
+
+
+def metrics_of(name: str) -> set[str]:
+    """The metrics a local task reports (for checking --fail-under before any work)."""
+    return {m["metric"] for m in TASKS[name].config["metric_list"]}

@@ -145,3 +145,71 @@ def run_tasks(
         "max_length": cfg.max_length,
     }
     return TaskResult(str(model.path), cfg.backend, results, protocol)
+
+
+# metrics where lower is better; every other task metric is a score (higher is better)
+_LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def parse_bars(spec: str) -> list[tuple[str | None, str, float]]:
+    """`acc=0.4,arc_easy.acc_norm=0.35` into (task or None, metric, value)."""
+    bars = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        try:
+            bar = float(value)
+        except ValueError:
+            bar = float("nan")
+        if not sep or not name or bar != bar:
+            raise UsageError(
+                f"--fail-under {part} is not METRIC=X",
+                "With --tasks, give e.g. acc=0.40 or arc_easy.acc_norm=0.35",
+            )
+        task, _, metric = name.rpartition(".")
+        bars.append((task or None, metric, bar))
+    return bars
+
+
+def precheck_bars(tasks: list[str], bars: list[tuple[str | None, str, float]]) -> None:
+    """Bars on local tasks that cannot be met (an unknown task or metric): refused before
+    any work. (lm-eval's online tasks are checked once their results are in.)"""
+    from cllm.core.tasks.local import metrics_of
+
+    for task, metric, _bar in bars:
+        if task is not None and task not in tasks:
+            raise UsageError(
+                f"--fail-under names task {task}, which is not in --tasks",
+                "Evaluated: " + ", ".join(tasks),
+            )
+        names = [task] if task else tasks
+        if not any(metric in metrics_of(n) for n in names):
+            have = sorted(set().union(*(metrics_of(n) for n in names)))
+            raise UsageError(
+                f"--fail-under names {metric}, which "
+                + (f"task {task} does not report" if task else "none of these tasks reports"),
+                "Metrics here: " + ", ".join(have),
+            )
+
+
+def check_bars(result: TaskResult, bars: list[tuple[str | None, str, float]]) -> list[str]:
+    """The bars a result misses, as sentences; a bar naming a metric (or task) that was not
+    computed is a usage error, not a pass."""
+    failed = []
+    for task, metric, bar in bars:
+        names = [task] if task else list(result.tasks)
+        hits = [(n, result.tasks[n][metric]) for n in names
+                if n in result.tasks and metric in result.tasks[n]]  # fmt: skip
+        if not hits:
+            where = f"task {task}" if task else "any task evaluated"
+            raise UsageError(
+                f"--fail-under names {metric}, which was not computed for {where}",
+                "Metrics here: " + ", ".join(sorted({m for r in result.tasks.values() for m in r
+                                                     if not m.endswith("_stderr")
+                                                     and m not in ("samples", "num_fewshot")})),
+            )  # fmt: skip
+        for n, value in hits:
+            worse = value > bar if metric in _LOWER_IS_BETTER else value < bar
+            if worse:
+                side = "above" if metric in _LOWER_IS_BETTER else "below"
+                failed.append(f"{n} {metric} {value:.4f} is {side} --fail-under {bar}")
+    return failed
