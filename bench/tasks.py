@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_results  # noqa: E402
 
 ALL = "arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada_openai"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _count_requests(lm: Any) -> Any:
@@ -40,6 +41,46 @@ def _count_requests(lm: Any) -> Any:
     return counted
 
 
+PEER = Path(__file__).resolve().parent / "peers" / "llamacpp-server" / ".venv" / "bin" / "python"
+
+
+def _http_peer(folder: Path) -> tuple[Any, Any]:
+    """llama-cpp-python's server (peer venv, `bench/peers/setup_llamacpp_server.sh`) on the
+    same F32 GGUF cllm's llama.cpp backend runs, and lm-eval's own `gguf` model talking to
+    it over HTTP, one request per item."""
+    import subprocess
+    import urllib.request
+
+    from lm_eval.models.gguf import GGUFLM
+
+    from cllm.core.eval.backends import gguf_for_llamacpp
+    from cllm.formats.checkpoint import open_checkpoint
+
+    if not PEER.exists():
+        raise SystemExit(
+            f"peer venv missing: run bash bench/peers/setup_llamacpp_server.sh ({PEER})"
+        )
+    gguf = gguf_for_llamacpp(open_checkpoint(folder))
+    port = 8765
+    log = open(RESULTS_DIR / "llamacpp-server.log", "w")  # noqa: SIM115 - lives with the server
+    server = subprocess.Popen(
+        [str(PEER), "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "2048",
+         "--logits_all", "true", "--n_threads", "2", "--n_threads_batch", "2",
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None:
+                msg = f"llama-cpp-python server exited {server.returncode}; see {log.name}"
+                raise SystemExit(msg) from None
+            time.sleep(1)
+    return server, GGUFLM(base_url=f"http://127.0.0.1:{port}", max_length=2048)
+
+
 def run_engine(engine: str, folder: Path, tasks: list[str], limit: int, batch: int) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -50,7 +91,10 @@ def run_engine(engine: str, folder: Path, tasks: list[str], limit: int, batch: i
     _quiet_lm_eval()
     specs = [task_config(t, None)[0] for t in tasks]
     scorer = None
-    if engine == "lm-eval hf":
+    server = None
+    if engine == "lm-eval gguf http":
+        server, lm = _http_peer(folder)
+    elif engine == "lm-eval hf":
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=str(folder), dtype="float32", batch_size=batch, device="cpu")
@@ -77,6 +121,9 @@ def run_engine(engine: str, folder: Path, tasks: list[str], limit: int, batch: i
     seconds = time.perf_counter() - t0
     if scorer is not None:
         scorer.close()
+    if server is not None:
+        server.terminate()
+        server.wait()
     res = {}
     for t in tasks:
         r = out["results"][t]
@@ -89,7 +136,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--tasks", default=ALL)
     ap.add_argument("--batch", type=int, default=8, help="torch batch (both engines)")
-    ap.add_argument("--engines", default="lm-eval hf,cllm torch,cllm llama.cpp")
+    ap.add_argument(
+        "--engines",
+        default="lm-eval hf,cllm torch,cllm llama.cpp",
+        help="also: 'lm-eval gguf http' (lm-eval's HTTP client against llama-cpp-python's "
+        "server, from bench/peers/setup_llamacpp_server.sh)",
+    )
     args = ap.parse_args()
     from cllm.formats.aliases import resolve
 
