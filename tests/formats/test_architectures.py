@@ -4,6 +4,7 @@ the one transformers' own model class has."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,26 @@ def test_chat_template_and_special_tokens_are_carried(
     want = src.apply_chat_template(chat, tokenize=True)
     assert back.apply_chat_template(chat, tokenize=True) == want
     assert (back.bos_token_id, back.eos_token_id) == (src.bos_token_id, src.eos_token_id)
+
+
+def test_read_back_tokenizers_differ_when_only_the_template_differs(
+    family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The converted-tokenizer cache is keyed by every tokenizer field, not the vocabulary
+    alone: a GGUF without a chat template must not get one cached from another GGUF."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(family_dirs["llama"], plain)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    a, b = tmp_path / "with.gguf", tmp_path / "without.gguf"
+    save_gguf(a, open_checkpoint(family_dirs["llama"]), "F32", _prov())
+    save_gguf(b, open_checkpoint(plain), "F32", _prov())
+    ta = AutoTokenizer.from_pretrained(open_checkpoint(a).tokenizer_dir())
+    tb = AutoTokenizer.from_pretrained(open_checkpoint(b).tokenizer_dir())
+    assert ta.chat_template and not tb.chat_template

@@ -294,21 +294,17 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def tokenizer_hash(self) -> str:
+        """Every `tokenizer.*` field: the vocabulary, and also scores, special token ids,
+        BOS/EOS flags, the space prefix and the chat template, all of which the converted
+        tokenizer carries (two GGUFs differing only in their template must not share one)."""
         import hashlib
 
         h = hashlib.sha256()
-        for key in (
-            "tokenizer.ggml.model",
-            "tokenizer.ggml.pre",
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.merges",
-            "tokenizer.ggml.token_type",
-        ):
-            f = self.reader.fields.get(key)
+        for key in sorted(k for k in self.reader.fields if k.startswith("tokenizer.")):
+            f = self.reader.fields[key]
             h.update(key.encode() + b"\0")
-            if f is not None:
-                for i in f.data:
-                    h.update(bytes(f.parts[i]) + b"\0")
+            for i in f.data:
+                h.update(bytes(f.parts[i]) + b"\0")
         return h.hexdigest()
 
     def tokenizer_dir(self) -> Path:
