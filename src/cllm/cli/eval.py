@@ -180,31 +180,18 @@ def _tasks(
     seed: int, batch_size: int, threads: int | None, online: bool, fail_under: str | None,
     as_json: bool,
 ) -> None:  # fmt: skip
-    from cllm.core.tasks.run import TaskConfig, check_bars, parse_bars, precheck_bars, run_tasks
-    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
+    from cllm.core.tasks.run import TaskConfig, task_job
 
-    if online:
-        chosen = [n.strip() for n in names.split(",") if n.strip()]
-    else:
-        from cllm.core.tasks.local import task_names
-
-        chosen = task_names(names)
-    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX))
-    model: Any = src.onnx if src.kind == ONNX else src.checkpoint
-    if src.kind == ONNX and backend == "torch":
-        backend = "onnxruntime"
-    bars = parse_bars(fail_under) if fail_under else []  # bad bars fail before any work
-    if not online:
-        precheck_bars(chosen, bars)
-    cfg = TaskConfig(tasks=chosen, backend=backend, limit=limit, num_fewshot=num_fewshot,
+    cfg = TaskConfig(tasks=[], backend=backend, limit=limit, num_fewshot=num_fewshot,
                      seed=seed, batch_size=batch_size, threads=threads, online=online)  # fmt: skip
     with progress("scoring task requests", None) as advance:
-        result = run_tasks(model, cfg, on_progress=lambda n: [advance() for _ in range(n)])
+        result, failed = task_job(
+            checkpoint, names, fail_under, cfg, on_progress=lambda n: [advance() for _ in range(n)]
+        )
     if use_json(as_json):
         emit_json(result.to_dict())
     else:
         _print_tasks(result)
-    failed = check_bars(result, bars)
     if failed:
         raise CheckFailed("; ".join(failed))
 
