@@ -39,7 +39,7 @@ def test_rpi5_bundle_from_float_model(tiny_model: Path, tmp_path: Path) -> None:
                 "--gguf-type", "Q8_0", "-o", str(out), check=True)  # fmt: skip
     assert p.stdout.strip() == str(out)
     assert sorted(f.name for f in out.iterdir()) == [
-        "README.txt", "bench.py", "guard.py", "manifest.json", "model.gguf", "run.sh",
+        "README.txt", "bench.py", "energy.py", "guard.py", "manifest.json", "model.gguf", "run.sh",
     ]  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
     assert m["schema"] == "cllm.bundle/1" and m["target"] == "rpi5" and m["threads"] == 4
@@ -66,6 +66,7 @@ def test_gguf_input_is_bundled_byte_for_byte(tiny_model: Path, tmp_path: Path) -
     assert (out / "model.gguf").read_bytes() == g.read_bytes()
 
 
+@pytest.mark.slow  # an ONNX build (about 20 s); CI runs the slow suite
 def test_jetson_bundle_is_onnx_and_falls_back_to_cpu(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "jetson.bundle"
     _bundle(tiny_model, "jetson-orin", out)

@@ -56,6 +56,7 @@ def exports(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return out
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 def test_fp32_graph_checks_and_matches_torch(
     exports: dict[str, Path], torch_logits: np.ndarray
 ) -> None:
@@ -76,6 +77,7 @@ def _has_vnni() -> bool:
     return "avx2" not in flags or any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 @pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4"])
 def test_kv_cache_generation_equals_full_recomputation(exports: dict[str, Path], name: str) -> None:
     dec = open_decoder(exports[name])
@@ -104,6 +106,7 @@ def test_kv_cache_generation_equals_full_recomputation(exports: dict[str, Path],
     assert np.abs(one[0, -1] - step[0, -1]).max() <= tol
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 def test_quantized_exports_are_close_and_use_their_operators(
     exports: dict[str, Path], torch_logits: np.ndarray
 ) -> None:
@@ -123,6 +126,7 @@ def test_quantized_exports_are_close_and_use_their_operators(
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 def test_provenance_in_graph_and_side_file(exports: dict[str, Path]) -> None:
     import onnx
 
@@ -228,6 +232,7 @@ def test_int4_export_refuses_integers_it_cannot_hold(tiny_model: Path, tmp_path:
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 def test_info_shows_an_onnx_export_and_its_chain(exports: dict[str, Path]) -> None:
     rep = json.loads(run_cli("info", str(exports["int4"]), "--json", check=True).stdout)
     assert rep["format"] == "onnx" and rep["operators"]["MatMulNBits"] >= 1
@@ -250,6 +255,7 @@ def test_architecture_the_builder_cannot_take(tiny_model: Path, tmp_path: Path) 
     assert sorted(f.name for f in tmp_path.iterdir()) == ["odd"]
 
 
+@pytest.mark.slow  # the four exports fixture (about 50 s); CI runs the slow suite
 def test_eval_runs_onnx_exports_under_the_pinned_protocol(
     exports: dict[str, Path], tiny_model: Path, tiny_text: Path
 ) -> None:

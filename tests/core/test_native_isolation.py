@@ -213,6 +213,7 @@ def test_off_reaches_the_params_llama_cpp_loads_with() -> None:
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
 
 
+@pytest.mark.slow  # a crashing child (about 20 s); CI runs the slow suite
 def test_llama_cpp_quantizer_crash_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
     """llama.cpp's own quantizer (K-quants) runs in a worker too: its crash leaves no output."""
     out = tmp_path / "k.gguf"

@@ -166,7 +166,7 @@ def test_cli_tasks_agree_across_backends_and_refuse_bad_names(tiny_model: Path) 
     assert t["arc_easy"]["samples"] == 8 and set(t) == {"arc_easy", "winogrande"}
     for name in t:  # an F32 GGUF: llama.cpp ranks the choices as torch does
         assert ll[name]["acc"] == t[name]["acc"]
-    prot = records["torch"]["protocol"]
+    prot = records["torch"]["tasks_protocol"]
     assert prot["lm_eval"] and set(prot["task_files_sha256"]) == {
         "arc_easy.jsonl",
         "winogrande.jsonl",

@@ -65,6 +65,12 @@ def _linear_names(model: Path) -> list[str]:
     return [n for n in open_checkpoint(model).tensor_infos() if LINEAR_RE.search(n)]
 
 
+@pytest.mark.parametrize(  # two families in the default suite (budget), every one in the slow
+    "family",
+    [f if f in ("llama", "gemma3") else pytest.param(f, marks=pytest.mark.slow)
+     for f in FAMILY_NAMES],
+    indirect=True,
+)  # fmt: skip
 def test_quantize_rtn_and_gptq_q4_0_run_in_llamacpp(
     family: tuple, text: Path, tmp_path: Path
 ) -> None:
@@ -138,11 +144,11 @@ def test_prune_structured_mlp_runs_in_llamacpp(family: tuple, text: Path, tmp_pa
     assert 0 < vs_base["kld"]["mean"] < 1.0, vs_base["kld"]
 
 
-# the builder takes ~12 s a model: Gemma 3 (the family that differs most) in the default
-# suite, every family in the slow one (CI runs both)
+# the builder takes ~12 s a model: every family in the slow suite (CI runs it); the default
+# suite exports the tiny Llama to ONNX in tests/core/test_eval_compare.py
 @pytest.mark.parametrize(
     "family",
-    [f if f == "gemma3" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES],
+    [pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES],
     indirect=True,
 )
 def test_export_onnx_runs_in_onnxruntime(family: tuple, text: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from cllm.cli.export import export_cmd
 from cllm.cli.info import info
 from cllm.cli.prune import prune_cmd
 from cllm.cli.quantize import quantize_cmd
+from cllm.cli.report import report_cmd
 from cllm.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 EPILOG = (
@@ -89,6 +90,7 @@ app.command("export")(export_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("prune")(prune_cmd)
 app.command("bench")(bench_cmd)
+app.command("report")(report_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

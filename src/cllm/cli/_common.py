@@ -57,9 +57,14 @@ def err_console() -> Console:
     )
 
 
-def out_console() -> Console:
+def out_console(min_width: int | None = None) -> Console:
+    """stdout for human tables. `min_width` widens a wide table written to a file or pipe
+    (where rich would assume 80 columns and fold every cell)."""
     force = True if STATE.color == "always" else None
-    return Console(no_color=_no_color(), force_terminal=force, highlight=False, soft_wrap=True)
+    width = min_width if min_width and not sys.stdout.isatty() else None
+    return Console(
+        no_color=_no_color(), force_terminal=force, highlight=False, soft_wrap=True, width=width
+    )
 
 
 def log(message: str, level: int = 0) -> None:

@@ -109,9 +109,10 @@ def _bench(
         src = resolve_input(arg, accept=(CHECKPOINT, ONNX))
         ckpt = src.checkpoint
         chosen, target = runnable(src.location, ckpt, backend)
-        jobs.append((src.text, chosen, target, ckpt))
+        # the input's content hash (cached per file), so records join with eval's
+        jobs.append((src.text, src.sha256, chosen, target, ckpt))
     records = []
-    for i, (name, chosen, target, ckpt) in enumerate(jobs):
+    for i, (name, sha256, chosen, target, ckpt) in enumerate(jobs):
         where = f" on {host.dest}" if host else ""
         log(f"[{i + 1}/{len(jobs)}] {name}: {chosen}{where}, {cfg.prompt}+{cfg.gen} x {cfg.repeat}")
         if host:
@@ -121,6 +122,7 @@ def _bench(
         else:
             rec = run_child(target, chosen, cfg)
         rec["name"] = name
+        rec["sha256"] = sha256
         per_token = weight_bytes_per_token(target, chosen, ckpt)
         achieved = per_token * rec["tg_tps"]["median"]
         bandwidth = rec["device"].get("copy_bytes_per_s") or 0.0
@@ -157,9 +159,20 @@ COLUMNS: list[tuple[str, Any]] = [
     ("p50/p90/p99 ms", lambda r: "/".join(f"{r['latency_ms'][q]:.1f}" for q in ("p50", "p90", "p99"))),
     ("peak RSS MB", lambda r: f"{r['peak_rss_bytes'] / 1e6:.0f}"),
     ("GB/s (of copy)", lambda r: f"{r['bandwidth']['achieved_bytes_per_s'] / 1e9:.1f} ({r['bandwidth']['fraction_of_copy'] * 100:.0f}%)"),
+    ("J/token", lambda r: _fmt(_j_per_token(r), "{:.3g}")),
     ("tg x first", lambda r: f"{r['vs_first']['tg_tps']:.2f}"),
     ("threads", lambda r: str(r["threads"])),
 ]  # fmt: skip
+
+
+def _j_per_token(r: dict[str, Any]) -> float | None:
+    """Median joules per generated token, where the machine reported power."""
+    energy = r.get("energy") or {}
+    return (energy.get("joules_per_token") or {}).get("median")
+
+
+def _fmt(value: float | None, fmt: str, missing: str = "n/a") -> str:
+    return missing if value is None else fmt.format(value)
 
 
 def _mm(s: dict[str, float], fmt: str) -> str:
@@ -192,7 +205,8 @@ def _print_csv(records: list[dict[str, Any]]) -> None:
     fields = [
         "name", "backend", "file_bytes", "threads", "prompt", "gen", "repeat", "load_s",
         "pp_tps", "tg_tps", "ttft_ms", "p50_ms", "p90_ms", "p99_ms", "peak_rss_bytes",
-        "achieved_bytes_per_s", "machine_copy_bytes_per_s", "tg_vs_first",
+        "achieved_bytes_per_s", "machine_copy_bytes_per_s", "tg_vs_first", "j_per_token",
+        "energy_source", "sha256",
     ]  # fmt: skip
     w = csvmod.writer(sys.stdout)
     w.writerow(fields)
@@ -204,4 +218,6 @@ def _print_csv(records: list[dict[str, Any]]) -> None:
             *(f"{r['latency_ms'][q]:.3f}" for q in ("p50", "p90", "p99")),
             r["peak_rss_bytes"], f"{r['bandwidth']['achieved_bytes_per_s']:.0f}",
             f"{r['bandwidth']['machine_copy_bytes_per_s']:.0f}", f"{r['vs_first']['tg_tps']:.4f}",
+            _fmt(_j_per_token(r), "{:.6g}", ""), (r.get("energy") or {}).get("source", ""),
+            r.get("sha256", ""),
         ])  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
@@ -19,23 +19,26 @@ from cllm.cli._common import (
 )
 from cllm.errors import CheckFailed, UsageError
 
-if TYPE_CHECKING:
-    from cllm.core.eval.perplexity import EvalResult
-
 
 class BackendName(str, Enum):
     torch = "torch"
     llamacpp = "llama.cpp"
     onnxruntime = "onnxruntime"
+    auto = "auto"
 
 
 def eval_cmd(
-    checkpoint: str = typer.Argument(..., help="Model path, alias, or '-' for stdin."),
+    checkpoints: list[str] = typer.Argument(
+        ...,
+        help="Models (paths, aliases, ONNX exports); '-' reads one from stdin. With several "
+        "and no --kld-base, the first is the base of the others.",
+    ),
     backend: BackendName = typer.Option(
         BackendName.torch,
         "--backend",
         "-b",
-        help="torch (dequantized weights), llama.cpp (the GGUF's own kernels) or onnxruntime (ONNX exports; picked for them).",
+        help="torch (dequantized weights), llama.cpp (the GGUF's own kernels), onnxruntime "
+        "(ONNX exports; picked for them) or auto (GGUF: llama.cpp, else torch).",
     ),
     text: Path = typer.Option(
         None, "--text", help="Evaluation text [default: $CLLM_DATA_DIR/wikitext-2/wiki.test.raw]."
@@ -51,6 +54,12 @@ def eval_cmd(
     ),
     base_backend: BackendName = typer.Option(
         BackendName.torch, "--base-backend", help="Backend that computes the base's logits."
+    ),
+    show_worst: int = typer.Option(
+        0,
+        "--show-worst",
+        help="Print the N scored positions of largest KLD: the text, the next token, and "
+        "both models' top tokens.",
     ),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]."),
     fail_under: str = typer.Option(
@@ -69,8 +78,9 @@ def eval_cmd(
     tasks: str = typer.Option(
         None,
         "--tasks",
-        help="Task accuracy through lm-eval instead of perplexity: comma-separated, e.g. "
-        "arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada_openai.",
+        help="Task accuracy through lm-eval, comma-separated, e.g. arc_easy,arc_challenge,"
+        "hellaswag,piqa,winogrande,lambada_openai. One model alone: tasks only; with a base: "
+        "perplexity, KLD and tasks.",
     ),
     limit: int = typer.Option(None, "--limit", help="--tasks: the first N items of each task."),
     num_fewshot: int = typer.Option(
@@ -85,11 +95,13 @@ def eval_cmd(
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Perplexity on WikiText-2 (pinned protocol) and KL divergence against a base.
+    """Perplexity on WikiText-2 (pinned protocol), KL divergence against a base, task accuracy.
 
     Protocol: the text is tokenized as one string (no BOS), cut into
     non-overlapping chunks of --ctx tokens, and each chunk is scored on its
-    second half only, as llama.cpp's perplexity tool does.
+    second half only, as llama.cpp's perplexity tool does. Several models give
+    one record each (NDJSON with --json, for `cllm report`); the base's
+    logits are computed once and cached.
 
     Example:
 
@@ -97,112 +109,165 @@ def eval_cmd(
 
         cllm eval model.gguf --backend llama.cpp --kld-base smollm2-135m --chunks 16
 
+        cllm eval smollm2-135m m1.gguf m2.gguf m3.onnx -b auto --json > results.ndjson
+
+        cllm eval model.gguf --kld-base smollm2-135m --show-worst 5
+
         cllm eval model.gguf -b llama.cpp --tasks arc_easy,hellaswag,piqa --limit 500
     """
-    if tasks:
-        _tasks(checkpoint, backend.value, tasks, limit, num_fewshot, seed, batch_size, threads,
-               online, fail_under, as_json)  # fmt: skip
-        return
     _eval(
-        checkpoint, backend.value, text, ctx, chunks, kld_base, base_backend.value, threads,
-        fail_under, max_kld, no_cache, allow_nonfinite, as_json,
+        checkpoints, backend.value, text, ctx, chunks, kld_base, base_backend.value, show_worst,
+        threads, fail_under, max_kld, no_cache, allow_nonfinite, tasks, limit, num_fewshot, seed,
+        batch_size, online, as_json,
     )  # fmt: skip
 
 
 @handle_errors("eval")
 def _eval(
-    checkpoint: str,
-    backend: str,
-    text: Path | None,
-    ctx: int,
-    chunks: int | None,
-    kld_base: str | None,
-    base_backend: str,
-    threads: int | None,
-    fail_under: str | None,
-    max_kld: float | None,
-    no_cache: bool,
-    allow_nonfinite: bool,
-    as_json: bool,
-) -> None:
+    checkpoints: list[str], backend: str, text: Path | None, ctx: int, chunks: int | None,
+    kld_base: str | None, base_backend: str, show_worst: int, threads: int | None,
+    fail_under: str | None, max_kld: float | None, no_cache: bool, allow_nonfinite: bool,
+    tasks: str | None, limit: int | None, num_fewshot: int | None, seed: int, batch_size: int,
+    online: bool, as_json: bool,
+) -> None:  # fmt: skip
+    from cllm.core.eval.compare import CompareRequest, compare
     from cllm.core.eval.perplexity import EvalConfig
-    from cllm.core.eval.run import run_eval
-    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
     from cllm.paths import default_eval_text
 
-    text_path = text or default_eval_text()
-    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX))
-    model: Any
-    if src.kind == ONNX:  # torch cannot run a graph: an ONNX export goes to onnxruntime
-        model = src.onnx
-        if backend == "torch":
-            backend = "onnxruntime"
-    else:
-        model = src.checkpoint
-    base = resolve_input(kld_base).checkpoint if kld_base else None
-    cfg = EvalConfig(text=str(text_path), ctx=ctx, chunks=chunks, backend=backend, threads=threads)
-    total = chunks
-    with progress("evaluating", total) as advance:
-        result = run_eval(
-            model,
-            cfg,
-            kld_base=base,
-            base_backend=base_backend,
-            use_cache=not no_cache,
-            allow_nonfinite=allow_nonfinite,
-            on_stage=lambda m: log(m, level=1),
+    if base_backend == "auto":
+        raise UsageError("--base-backend auto is not a backend", "Use torch or llama.cpp")
+    if show_worst < 0:
+        raise UsageError("--show-worst must be 0 or more")
+    ppl_bar, task_bars_spec = _split_bar(fail_under, bool(tasks))
+    cfg = EvalConfig(text=str(text or default_eval_text()), ctx=ctx, chunks=chunks,
+                     backend=backend, threads=threads)  # fmt: skip
+    req = CompareRequest(checkpoints, cfg, backend, kld_base, base_backend, not no_cache,
+                         allow_nonfinite, show_worst)  # fmt: skip
+    if tasks:
+        from cllm.core.tasks.run import TaskConfig, plan_tasks
+
+        tcfg = TaskConfig(tasks=[], backend=backend, limit=limit, num_fewshot=num_fewshot,
+                          seed=seed, batch_size=batch_size, threads=threads, online=online)  # fmt: skip
+        req.tasks, req.task_bars = plan_tasks(tasks, task_bars_spec, tcfg)
+    failed: list[str] = []
+    records = []
+    several = len(checkpoints) > 1
+    with progress("evaluating", None) as advance:
+        for rec, missed in compare(
+            req,
+            on_stage=lambda m: log(m, level=0 if several and m.startswith("[") else 1),
             on_chunk=lambda i, ppl: advance(description=f"chunk {i + 1}: ppl {ppl:.3f}"),
-        )
-    if use_json(as_json):
-        emit_json(result.to_dict())
-    else:
-        _print_table(result)
-    if fail_under is not None:
-        try:
-            bar = float(fail_under)
-        except ValueError:
-            raise UsageError(
-                f"--fail-under {fail_under} is not a perplexity",
-                "Give a number; METRIC=X bars go with --tasks",
-            ) from None
-        if result.perplexity > bar:
-            raise CheckFailed(f"perplexity {result.perplexity:.4f} is above --fail-under {bar}")
-    if max_kld is not None:
-        if result.kld is None:
-            raise CheckFailed("--max-kld needs --kld-base")
-        if result.kld.mean > max_kld:
-            raise CheckFailed(f"mean KLD {result.kld.mean:.6f} is above --max-kld {max_kld}")
-
-
-@handle_errors("eval")
-def _tasks(
-    checkpoint: str, backend: str, names: str, limit: int | None, num_fewshot: int | None,
-    seed: int, batch_size: int, threads: int | None, online: bool, fail_under: str | None,
-    as_json: bool,
-) -> None:  # fmt: skip
-    from cllm.core.tasks.run import TaskConfig, task_job
-
-    cfg = TaskConfig(tasks=[], backend=backend, limit=limit, num_fewshot=num_fewshot,
-                     seed=seed, batch_size=batch_size, threads=threads, online=online)  # fmt: skip
-    with progress("scoring task requests", None) as advance:
-        result, failed = task_job(
-            checkpoint, names, fail_under, cfg, on_progress=lambda n: [advance() for _ in range(n)]
-        )
-    if use_json(as_json):
-        emit_json(result.to_dict())
-    else:
-        _print_tasks(result)
+            on_tasks=lambda n: [advance() for _ in range(n)],
+        ):
+            failed += missed + _check(rec, ppl_bar, max_kld, several)
+            if use_json(as_json):
+                emit_json(rec)  # as each finishes: a long run shows its records as it goes
+            records.append(rec)
+    if not use_json(as_json):
+        _print(records)
     if failed:
         raise CheckFailed("; ".join(failed))
 
 
-def _print_tasks(result: Any) -> None:
+def _split_bar(fail_under: str | None, with_tasks: bool) -> tuple[float | None, str | None]:
+    """--fail-under X is a perplexity bar; METRIC=X bars are for --tasks."""
+    if fail_under is None:
+        return None, None
+    try:
+        return float(fail_under), None
+    except ValueError:
+        pass
+    if not with_tasks:
+        raise UsageError(
+            f"--fail-under {fail_under} is not a perplexity",
+            "Give a number; METRIC=X bars go with --tasks",
+        )
+    return None, fail_under
+
+
+def _check(rec: dict[str, Any], ppl_bar: float | None, max_kld: float | None,
+           several: bool) -> list[str]:  # fmt: skip
+    who = f"{rec['name']}: " if several else ""
+    out = []
+    ppl = rec.get("perplexity")
+    if ppl_bar is not None and ppl is not None and ppl > ppl_bar:
+        out.append(f"{who}perplexity {ppl:.4f} is above --fail-under {ppl_bar}")
+    if max_kld is not None:
+        kld = rec.get("kld")
+        if kld is None:
+            out.append("--max-kld needs --kld-base")
+        elif kld["mean"] > max_kld:
+            out.append(f"{who}mean KLD {kld['mean']:.6f} is above --max-kld {max_kld}")
+    return out
+
+
+def _print(records: list[dict[str, Any]]) -> None:
+    if len(records) > 1:
+        _print_many(records)
+    for rec in records:
+        if len(records) == 1 and rec.get("perplexity") is not None:
+            _print_table(rec)
+        if rec.get("tasks") and (len(records) == 1 or rec.get("perplexity") is None):
+            _print_tasks(rec)
+        if rec.get("worst"):
+            _print_worst(rec)
+
+
+def _print_many(records: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{result.model} ({result.backend})", title_justify="left")
+    first = records[0]
+    k0 = first.get("kld")
+    title = f"base: {k0['base']} ({k0['base_backend']})" if k0 else None
+    table = Table(title=title, title_justify="left")
+    cols = ["model", "label", "backend", "MB", "bits/w", "perplexity", "mean KLD", "KLD p99",
+            "top-1"]  # fmt: skip
+    task_names = list(first.get("tasks") or {})
+    cols += task_names
+    for col in cols:
+        left = col in ("model", "label", "backend")
+        table.add_column(col, justify="left" if left else "right", overflow="fold")
+    for r in records:
+        k = r.get("kld")
+        bpw = r.get("bits_per_weight")
+        row = [
+            Path(r["name"]).name, r["provenance"]["label"], r["backend"], f"{r['bytes'] / 1e6:.1f}",
+            f"{bpw:.2f}" if bpw else "-",
+            f"{r['perplexity']:.3f} ± {r['perplexity_se']:.3f}" if r.get("perplexity") else "-",
+            f"{k['mean']:.5f}" if k else "-", f"{k['p99']:.4f}" if k else "-",
+            f"{k['top1_agreement'] * 100:.1f}%" if k else "-",
+        ]  # fmt: skip
+        for name in task_names:
+            t = (r.get("tasks") or {}).get(name, {})
+            metric = "acc_norm" if "acc_norm" in t else "acc"
+            row.append(f"{t[metric]:.3f}" if metric in t else "-")
+        table.add_row(*row)
+    out_console(min_width=140).print(table)
+
+
+def _print_worst(rec: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    def tops(items: list[dict[str, Any]]) -> str:
+        return "\n".join(f"{t['token']!r} {t['p']:.2f}" for t in items)
+
+    table = Table(title=f"{rec['name']}: the {len(rec['worst'])} positions of largest KLD",
+                  title_justify="left", show_lines=True)  # fmt: skip
+    for col in ("#", "KLD", "text before", "next", "base's top", "model's top"):
+        table.add_column(col, justify="right" if col in ("#", "KLD") else "left")
+    for w in rec["worst"]:
+        table.add_row(str(w["rank"]), f"{w['kld']:.3f}", repr(w["context"])[1:-1],
+                      repr(w["next"]), tops(w["base_top"]), tops(w["model_top"]))  # fmt: skip
+    out_console(min_width=120).print(table)
+
+
+def _print_tasks(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['name']} ({result['backend']})", title_justify="left")
     for col in ("task", "metric", "value", "± stderr", "items", "shots"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    for name, r in result.tasks.items():
+    for name, r in result["tasks"].items():
         for metric, value in r.items():
             if metric.endswith("_stderr") or metric in ("samples", "num_fewshot"):
                 continue
@@ -210,26 +275,30 @@ def _print_tasks(result: Any) -> None:
             table.add_row(name, metric, f"{value:.4f}", "" if se is None else f"{se:.4f}",
                           str(r.get("samples")), str(r.get("num_fewshot")))  # fmt: skip
     out_console().print(table)
-    p = result.protocol
+    p = result["tasks_protocol"]
     out_console().print(f"lm-eval {p['lm_eval']}, {p['task_source']}, seed {p['seed']}")
 
 
-def _print_table(r: EvalResult) -> None:
+def _print_table(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = out_console()
-    p = r.protocol
+    p = r["protocol"]
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{r.model} ({r.backend})")
-    table.add_row("perplexity", f"{r.perplexity:.4f} ± {r.perplexity_se:.4f}")
-    k = r.kld
+    table.add_row("model", f"{r['model']} ({r['backend']})")
+    table.add_row("perplexity", f"{r['perplexity']:.4f} ± {r['perplexity_se']:.4f}")
+    k = r.get("kld")
     if k is not None:
-        table.add_row("base", f"{k.base} ({k.base_backend}), perplexity {r.base_perplexity:.4f}")
-        table.add_row("mean KLD", f"{k.mean:.6f} ± {k.mean_se:.6f}")
-        table.add_row("KLD median / p99 / max", f"{k.median:.6f} / {k.p99:.6f} / {k.max:.6f}")
-        table.add_row("top-1 agreement", f"{k.top1_agreement * 100:.2f}%")
+        table.add_row(
+            "base", f"{k['base']} ({k['base_backend']}), perplexity {r['base_perplexity']:.4f}"
+        )
+        table.add_row("mean KLD", f"{k['mean']:.6f} ± {k['mean_se']:.6f}")
+        table.add_row(
+            "KLD median / p99 / max", f"{k['median']:.6f} / {k['p99']:.6f} / {k['max']:.6f}"
+        )
+        table.add_row("top-1 agreement", f"{k['top1_agreement'] * 100:.2f}%")
     table.add_row(
         "protocol",
         f"{p['text']} (sha256 {p['text_sha256'][:12]}), ctx {p['ctx']}, {p['chunks']} chunks, "

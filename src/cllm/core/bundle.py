@@ -4,6 +4,7 @@
     manifest.json             model hash and size, provenance, runtime and version, threads
     bench.py                  cllm.standalone.runner, verbatim (stdlib + numpy + the runtime)
     guard.py                  cllm.standalone.guard, which bench.py imports from beside itself
+    energy.py                 cllm.standalone.energy: joules per token where the board reports power
     run.sh                    runs bench.py with the target's settings; prints cllm.bench/1 JSON
     README.txt                what to install on the board and how to run it
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def shipped_files() -> list[Path]:
-    """What a board needs beside the model: the runner and the loader guard it imports."""
+    """What a board needs beside the model: the runner, then the loader guard and the power
+    meters it imports from beside itself."""
     here = Path(__file__).resolve().parent
-    return [here / "runner.py", here / "guard.py"]
+    return [here / "runner.py", here / "guard.py", here / "energy.py"]

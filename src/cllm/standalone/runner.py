@@ -2,8 +2,10 @@
 
 Standalone on purpose: it imports only the standard library, numpy, the runtime it drives
 (llama-cpp-python for GGUF, onnxruntime for ONNX; torch + transformers for the torch
-backend) and `guard.py` beside it (how to load llama.cpp safely on this CPU), so `cllm bench` runs it in a child process (peak memory of one run, no state
-shared between runs) and an edge bundle ships it as `bench.py` to run on a board.
+backend), `guard.py` beside it (how to load llama.cpp safely on this CPU) and `energy.py`
+beside it (power meters; optional: without it there are no energy figures), so `cllm bench`
+runs it in a child process (peak memory of one run, no state shared between runs) and an
+edge bundle ships it as `bench.py` to run on a board.
 
     python runner.py MODEL --backend llama.cpp --threads 4 --prompt 128 --gen 64 --repeat 5
 
@@ -13,6 +15,12 @@ Reported: load time, prompt tokens/s, generation tokens/s, time to first token (
 pass, which yields the first new token's logits), per-token decode latency percentiles, and
 the process's peak resident memory. Token ids are synthetic and fixed (speed does not depend
 on which tokens they are), so no tokenizer is needed.
+
+Where the machine reports power (RAPL on x86, INA3221 on a Jetson, `vcgencmd` on a
+Raspberry Pi 5; see `energy.py`), the timed runs also give joules per token: the average
+power over each phase (prompt, generation) times that phase's time, per token. Only then
+does the record have an `energy` field. `CLLM_SYSFS_ROOT` points the meters at another
+root than "/" (tests use a fixture folder).
 """
 
 from __future__ import annotations
@@ -34,9 +42,14 @@ from typing import Any
 import numpy as np
 
 if __package__:  # run as part of cllm (`python -m cllm.standalone.runner`, or imported)
-    from cllm.standalone import guard
-else:  # a bundle's bench.py or a remote copy: guard.py is shipped beside this file
+    from cllm.standalone import energy, guard
+else:  # a bundle's bench.py or a remote copy: guard.py and energy.py are shipped beside it
     import guard  # type: ignore[no-redef]
+
+    try:
+        import energy  # type: ignore[no-redef]
+    except ImportError:  # a copy made without it: no energy figures
+        energy = None  # type: ignore[assignment]
 
 SCHEMA = "cllm.bench/1"
 MODEL_FILE = "model.onnx"
@@ -264,18 +277,69 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def measure(model: Any, prompt: int, gen: int) -> dict[str, Any]:
+def measure(model: Any, prompt: int, gen: int, meter: Any = None) -> dict[str, Any]:
+    """One run's timings; with a `meter`, also the average watts over the prompt pass and
+    over the decode steps (None where the meter gave nothing)."""
     ids = prompt_ids(prompt, model.vocab)
     clock = time.perf_counter
+    if meter is not None:
+        meter.start()
     t0 = clock()
     tok = model.prefill(ids)
     t_prefill = clock() - t0
+    prefill_w = _watts(meter)
+    if meter is not None:
+        meter.start()
     lat = []
     for _ in range(gen):
         t = clock()
         tok = model.step(tok)
         lat.append(clock() - t)
-    return {"prefill_s": t_prefill, "step_s": lat}
+    out: dict[str, Any] = {"prefill_s": t_prefill, "step_s": lat}
+    if meter is not None:
+        out.update(prefill_w=prefill_w, gen_w=_watts(meter))
+    return out
+
+
+def _watts(meter: Any) -> float | None:
+    """Stop `meter`: the average power over its interval, if it measured any."""
+    if meter is None:
+        return None
+    joules = meter.stop()
+    return joules / meter.seconds if joules > 0 and meter.seconds > 0 else None
+
+
+def open_meter() -> Any:
+    """This machine's power meter (`CLLM_SYSFS_ROOT` stands in for "/"), or None."""
+    if energy is None:
+        return None
+    return energy.open_meter(os.environ.get("CLLM_SYSFS_ROOT") or "/")
+
+
+def energy_record(
+    meter: Any, runs: list[dict[str, Any]], prompt: int, gen: int
+) -> dict[str, Any] | None:
+    """Joules per token and watts over the timed runs, or None if nothing was measured."""
+    if meter is None:
+        return None
+    gen_w = [r["gen_w"] for r in runs if r.get("gen_w")]
+    if not gen_w:
+        return None
+    rec: dict[str, Any] = {
+        "source": meter.source,
+        "domains": list(meter.domains),
+        "joules_per_token": summary(
+            [r["gen_w"] * sum(r["step_s"]) / gen for r in runs if r.get("gen_w")]
+        ),
+        "watts": statistics.median(gen_w),
+    }
+    pp_w = [r["prefill_w"] for r in runs if r.get("prefill_w")]
+    if pp_w:
+        rec["prompt_joules_per_token"] = summary(
+            [r["prefill_w"] * r["prefill_s"] / prompt for r in runs if r.get("prefill_w")]
+        )
+        rec["prompt_watts"] = statistics.median(pp_w)
+    return rec
 
 
 def file_bytes(path: str) -> int:
@@ -381,9 +445,10 @@ def bench(
     load_s = time.perf_counter() - t0
     if os.environ.get("CLLM_TEST_CRASH") == model.runtime:  # test hook: die as a bad kernel would
         os.kill(os.getpid(), signal.SIGSEGV)
+    meter = open_meter()
     runs = []
     for i in range(warmup + repeat):
-        r = measure(model, prompt, gen)
+        r = measure(model, prompt, gen, meter if i >= warmup else None)
         if i >= warmup:
             runs.append(r)
         if on_progress:
@@ -393,7 +458,7 @@ def bench(
         runtime["providers"] = model.providers
     model.close()
     steps = [s for r in runs for s in r["step_s"]]
-    return {
+    record: dict[str, Any] = {
         "schema": SCHEMA,
         "model": str(path),
         "backend": backend,
@@ -411,13 +476,17 @@ def bench(
             q: 1000 * percentile(steps, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
         },  # fmt: skip
         "peak_rss_bytes": peak_rss(),
-        "runtime": runtime,
-        "device": {
-            **device_facts(),
-            "copy_bytes_per_s": copy_bandwidth(),
-            "llama_cpp_extra_bufts": guard.decide(),  # AMX usable here? what llama.cpp loaded with
-        },
     }
+    spent = energy_record(meter, runs, prompt, gen)
+    if spent is not None:  # only where the hardware reports power
+        record["energy"] = spent
+    record["runtime"] = runtime
+    record["device"] = {
+        **device_facts(),
+        "copy_bytes_per_s": copy_bandwidth(),
+        "llama_cpp_extra_bufts": guard.decide(),  # AMX usable here? what llama.cpp loaded with
+    }
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

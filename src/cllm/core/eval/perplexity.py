@@ -74,10 +74,14 @@ class EvalResult:
     kld: KLDResult | None = None
     base_perplexity: float | None = None
     per_chunk_nll: list[float] = field(default_factory=list)
+    # --show-worst: the scored positions where the model departs most from the base
+    worst: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("per_chunk_nll")
+        if d["worst"] is None:
+            d.pop("worst")
         return d
 
 
@@ -94,11 +98,11 @@ def scored_logprobs(logits: np.ndarray, ctx: int) -> np.ndarray:
 class BaseLogprobCache:
     """Base log-probabilities per chunk, float16, on disk, keyed by base hash and protocol."""
 
-    def __init__(self, key: dict[str, Any], enabled: bool = True) -> None:
+    def __init__(self, key: dict[str, Any], enabled: bool = True, root: Path | None = None) -> None:
         import hashlib
 
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        self.dir = cache_dir() / "base-logprobs" / digest
+        self.dir = (root or cache_dir() / "base-logprobs") / digest
         self.enabled = enabled
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -132,25 +136,56 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(max(var, 0.0) / (n - 1))
 
 
+@dataclass
+class TopTokens:
+    """Per scored position, the k most likely next tokens of the model and of the base, with
+    their probabilities: what --show-worst prints for the positions of largest KLD."""
+
+    model_ids: list[np.ndarray] = field(default_factory=list)  # per chunk [positions, k]
+    model_p: list[np.ndarray] = field(default_factory=list)
+    base_ids: list[np.ndarray] = field(default_factory=list)
+    base_p: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, lp: np.ndarray, blp: np.ndarray, k: int) -> None:
+        for src, ids_out, p_out in ((lp, self.model_ids, self.model_p),
+                                    (blp, self.base_ids, self.base_p)):  # fmt: skip
+            ids = np.argpartition(-src, k, axis=-1)[:, :k]
+            order = np.argsort(-np.take_along_axis(src, ids, axis=-1), axis=-1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=-1)
+            ids_out.append(ids)
+            p_out.append(np.exp(np.take_along_axis(src, ids, axis=-1)))
+
+
+def _check_vocab(lp: np.ndarray, blp: np.ndarray) -> None:
+    if lp.shape[-1] != blp.shape[-1]:
+        raise InputError(
+            f"the model's vocabulary has {lp.shape[-1]} entries and the base's {blp.shape[-1]}",
+            "KL divergence compares the same vocabulary on both sides; pick a base of the same family",
+        )
+
+
 def evaluate(
-    backend: Backend,
+    backend: Backend | None,
     chunks: list[np.ndarray],
     ctx: int,
     base: Backend | None = None,
     base_cache: BaseLogprobCache | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
+    tops: TopTokens | None = None,
+    top_k: int = 3,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Score every chunk. Returns per-token NLL, and with a base: per-token KLD,
-    top-1 agreement flags and the base's per-token NLL."""
+    top-1 agreement flags and the base's per-token NLL. A `backend` of None means the model
+    is the base itself: its numbers come from the base's log-probabilities (KLD 0)."""
     nll_all, kld_all, agree_all, base_nll_all = [], [], [], []
     first = ctx // 2
     for i, chunk in enumerate(chunks):
         if len(chunk) != ctx:
             raise InputError(f"chunk {i} has {len(chunk)} tokens, not {ctx}")
         targets = np.asarray(chunk[first + 1 : ctx], dtype=np.int64)
-        lp = scored_logprobs(backend.logits(chunk), ctx).astype(np.float32)
-        nll = -lp[np.arange(len(targets)), targets]
-        nll_all.append(nll)
+        lp = None
+        if backend is not None:
+            lp = scored_logprobs(backend.logits(chunk), ctx).astype(np.float32)
         if base is not None or base_cache is not None:
             blp16 = base_cache.get(i) if base_cache is not None else None
             if blp16 is None:
@@ -162,11 +197,19 @@ def evaluate(
                 if base_cache is not None:
                     base_cache.put(i, blp16)
             blp = blp16.astype(np.float32)
+            if lp is None:
+                lp = blp
+            _check_vocab(lp, blp)
             p = np.exp(blp)
             kld = (p * (blp - lp)).sum(axis=-1)
             kld_all.append(kld)
             agree_all.append(blp.argmax(-1) == lp.argmax(-1))
             base_nll_all.append(-blp[np.arange(len(targets)), targets])
+            if tops is not None:
+                tops.add(lp, blp, top_k)
+        if lp is None:
+            raise InputError("no model to score: the base itself needs --kld-base")
+        nll_all.append(-lp[np.arange(len(targets)), targets])
         if on_chunk:
             running = float(np.exp(np.concatenate(nll_all).mean()))
             on_chunk(i, running)

@@ -15,6 +15,7 @@ from cllm.core.eval.perplexity import (
     BaseLogprobCache,
     EvalConfig,
     EvalResult,
+    TopTokens,
     evaluate,
     summarise,
 )
@@ -25,13 +26,17 @@ from cllm.formats.checkpoint import Checkpoint
 class _LazyBackend:
     """Loads the base model only if some chunk is missing from the cache."""
 
-    def __init__(self, factory: Callable[[], Backend], name: str) -> None:
+    def __init__(
+        self, factory: Callable[[], Backend], name: str, on_load: Callable[[], None]
+    ) -> None:
         self._factory = factory
         self._backend: Backend | None = None
         self.name = name
+        self._on_load = on_load
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         if self._backend is None:
+            self._on_load()
             self._backend = self._factory()
         return self._backend.logits(tokens)
 
@@ -61,8 +66,19 @@ def run_eval(
     allow_nonfinite: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
+    cache_root: Path | None = None,
+    is_base: bool = False,
+    show_worst: int = 0,
 ) -> EvalResult:
+    """Score `model` under the protocol of `cfg`, with KLD against `kld_base` if given.
+
+    The base's log-probabilities are cached (under `cache_root` if given, which is how one
+    `cllm eval BASE CAND...` run shares one base pass even with --no-cache). `is_base` says
+    the model is the base itself on the base's backend: its numbers come from that pass.
+    """
     stage = on_stage or (lambda _msg: None)
+    if show_worst and kld_base is None:
+        raise InputError("--show-worst needs a base to compare with", "Add --kld-base BASE")
     stage("tokenizing evaluation text")
     toks = load_tokens(Path(cfg.text), model.tokenizer_dir())
     chunks = make_chunks(toks.ids, cfg.ctx, cfg.chunks)
@@ -85,21 +101,28 @@ def run_eval(
             "ctx": cfg.ctx,
             "protocol": PROTOCOL_VERSION,
         }
-        cache = BaseLogprobCache(key, enabled=use_cache)
+        cache = BaseLogprobCache(key, enabled=use_cache or cache_root is not None, root=cache_root)
         base_lazy = _LazyBackend(
             lambda: make_backend(kld_base, base_name, cfg.ctx, cfg.threads, allow_nonfinite),
             base_name,
+            lambda: stage(f"loading the base {kld_base.display_name} ({base_name})"),
         )
-    stage(f"loading {model.display_name} ({cfg.backend})")
-    backend = make_backend(model, cfg.backend, cfg.ctx, cfg.threads, allow_nonfinite)
+    backend = None
+    if not (is_base and kld_base is not None):
+        stage(f"loading {model.display_name} ({cfg.backend})")
+        backend = make_backend(model, cfg.backend, cfg.ctx, cfg.threads, allow_nonfinite)
+    tops = TopTokens() if show_worst and backend is not None else None
     try:
         stage("scoring")
-        nll, kld, agree, base_nll = evaluate(backend, chunks, cfg.ctx, base_lazy, cache, on_chunk)
+        nll, kld, agree, base_nll = evaluate(
+            backend, chunks, cfg.ctx, base_lazy, cache, on_chunk, tops=tops
+        )
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
         if base_lazy is not None:
             base_lazy.close()
-    return summarise(
+    result = summarise(
         nll,
         kld,
         agree,
@@ -113,3 +136,10 @@ def run_eval(
         base_backend=base_name if kld_base is not None else None,
         ctx=cfg.ctx,
     )
+    if tops is not None and kld is not None:
+        from cllm.core.eval.worst import worst_positions
+        from cllm.formats.checkpoint import load_tokenizer
+
+        tok = load_tokenizer(model.tokenizer_dir())
+        result.worst = worst_positions(kld, tops, chunks, cfg.ctx, tok, show_worst)
+    return result

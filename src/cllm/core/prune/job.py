@@ -318,7 +318,7 @@ class PruneSensitivityJob(SensitivityMapJob):
         return report
 
     def heatmap(self, report: Any, path: Path) -> None:
-        from cllm.core.sensitivity import heatmap
+        from cllm.core.heatmap import heatmap
 
         what = describe(self.cfg, PRUNERS.name_of(self.cfg))
         heatmap(

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from cllm.core.heatmap import heatmap
 from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, GroupParams, quantize_rtn
-from cllm.core.sensitivity import heatmap, kld_map, layer_linears
+from cllm.core.sensitivity import kld_map, layer_linears
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 

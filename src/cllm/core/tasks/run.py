@@ -215,19 +215,12 @@ def check_bars(result: TaskResult, bars: list[tuple[str | None, str, float]]) ->
     return failed
 
 
-def task_job(
-    checkpoint: str,
-    names: str,
-    fail_under: str | None,
-    cfg: TaskConfig,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[TaskResult, list[str]]:
-    """`cllm eval --tasks` as one job: task names and bars checked before any work, the
-    input resolved (an ONNX export goes to onnxruntime), the tasks run, the bars applied.
-    Returns the result and the bars it misses."""
+def plan_tasks(
+    names: str, bars_spec: str | None, cfg: TaskConfig
+) -> tuple[TaskConfig, list[tuple[str | None, str, float]]]:
+    """Task names and --fail-under bars checked before any work: the config with its task
+    list, and the parsed bars (METRIC=X or TASK.METRIC=X)."""
     from dataclasses import replace
-
-    from cllm.formats.inputs import CHECKPOINT, ONNX, resolve_input
 
     if cfg.online:
         chosen = [n.strip() for n in names.split(",") if n.strip()]
@@ -235,11 +228,7 @@ def task_job(
         from cllm.core.tasks.local import task_names
 
         chosen = task_names(names)
-    bars = parse_bars(fail_under) if fail_under else []
+    bars = parse_bars(bars_spec) if bars_spec else []
     if not cfg.online:
         precheck_bars(chosen, bars)
-    src = resolve_input(checkpoint, accept=(CHECKPOINT, ONNX))
-    model: Any = src.onnx if src.kind == ONNX else src.checkpoint
-    backend = "onnxruntime" if src.kind == ONNX and cfg.backend == "torch" else cfg.backend
-    result = run_tasks(model, replace(cfg, tasks=chosen, backend=backend), on_progress)
-    return result, check_bars(result, bars)
+    return replace(cfg, tasks=chosen), bars
