@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cllm-installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: install demo test test-slow test-all lint format gen bench clean
+.PHONY: install demo test test-slow test-all lint format gen bench clean recipes-check
 
 install: $(STAMP)
 
@@ -36,8 +36,13 @@ format: $(STAMP)
 gen: $(STAMP)
 	$(PY) -m cllm.gen
 
+# every recipe in docs/recipes/ on a shortened setting: report written, re-run is a no-op,
+# a rebuilt output has the same sha256
+recipes-check: $(STAMP)
+	$(PY) scripts/recipes_check.py
+
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
 
 clean:
-	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-out recipes-check .pytest_cache .mypy_cache .ruff_cache

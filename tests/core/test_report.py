@@ -345,6 +345,45 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     assert (out / "mine.txt").exists()
 
 
+def test_a_report_folder_is_a_cllm_output_of_its_own_kind(tmp_path: Path) -> None:
+    from cllm.formats.outputs import Kind, check_output, inspect_output
+
+    a = write_ndjson(tmp_path / "a.ndjson", [bench_rec("q8.gguf", 40.0)])
+    out = tmp_path / "rep"
+    build_report(ReportRequest([str(a)], out))
+    found = inspect_output(out)
+    marker = json.loads((out / MARKER).read_text())
+    assert found is not None and found.kind == Kind.REPORT
+    assert found.provenance == marker["provenance"] and found.provenance["op"] == "report"
+    with pytest.raises(UsageError, match="is a cllm report folder, not the HF folder"):
+        check_output(out, Kind.HF_FOLDER)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    with pytest.raises(UsageError, match="existing file that cllm did not write"):
+        build_report(ReportRequest([str(a)], gguf))
+
+    # a listed file gone: still cllm's (replaced), but not up to date (redrawn, not reused)
+    (out / "index.md").unlink()
+    assert inspect_output(out) == type(found)(Kind.REPORT, {})
+    assert build_report(ReportRequest([str(a)], out)).status == "written"
+    assert (out / "index.md").is_file()
+
+    # a file the marker does not list: not a pure cllm output, refused before any input is read
+    (out / "notes.md").write_text("mine")
+    assert inspect_output(out) is None
+    with pytest.raises(UsageError, match=r"also holds files cllm did not write \(notes.md\)"):
+        build_report(ReportRequest([str(tmp_path / "missing.ndjson")], out))
+    assert (out / "notes.md").read_text() == "mine"
+
+    # a link to a report folder is not replaced through the link
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "rep2", target_is_directory=True)
+    build_report(ReportRequest([str(a)], tmp_path / "rep2"))
+    with pytest.raises(UsageError, match="symbolic link to a folder"):
+        build_report(ReportRequest([str(a)], link, force=True))
+    assert link.is_symlink() and (tmp_path / "rep2" / MARKER).is_file()
+
+
 def test_values_show_seed_spread_or_standard_error() -> None:
     from cllm.core.report.markdown import cell
 

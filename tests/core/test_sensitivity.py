@@ -59,3 +59,22 @@ def test_report_round_trips_and_plots(report: SensitivityReport, tmp_path: Path)
     out = tmp_path / "heat.png"
     heatmap_png(report, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_int_candidates_map_sensitivity_but_cannot_be_mixed(
+    tiny_model: Path, tiny_text: Path, report: SensitivityReport
+) -> None:
+    """INT3 (3-bit, group 128) is measured for a heat map: fewer bits, more KLD, in every
+    layer; mixed precision refuses it (it allocates llama.cpp types by their storage cost)."""
+    from cllm.core.quantize.sensitivity import check_candidates
+
+    ckpt = open_checkpoint(tiny_model)
+    chunks = make_chunks(load_tokens(tiny_text, ckpt.tokenizer_dir()).ids, 64, 4)
+    ints = measure_sensitivity(ckpt, chunks, ["INT3", "INT8G32"])
+    k = np.array(ints.kld)
+    assert k.shape == (2, 2) and np.all(k[:, 0] > 10 * k[:, 1])
+    assert np.all(k[:, 0] > np.array(report.kld)[:, 0])  # 3-bit is worse than Q4_0
+    with pytest.raises(UsageError, match="not a llama.cpp type"):
+        check_candidates(["Q4_0", "INT3"], mixed=True)
+    with pytest.raises(UsageError, match="INT9 is not supported"):
+        check_candidates(["INT9"])

@@ -111,7 +111,8 @@ def quantize_cmd(
     candidates: str = typer.Option(
         "Q4_0,Q5_0,Q8_0",
         "--candidates",
-        help="Types mixed precision chooses from (comma-separated).",
+        help="Types mixed precision chooses from (comma-separated); a --sensitivity map also "
+        "takes int grids: INT2 ... INT8, group 128, or e.g. INT3G64.",
     ),
     sensitivity_chunks: int = SENSITIVITY_CHUNKS_OPTION,
     sensitivity_file: Path = typer.Option(

@@ -8,9 +8,10 @@ work", not "delete what is not mine".
 
 "Written by cllm" is read from the provenance every output carries, never from a file name:
 a GGUF key or safetensors `__metadata__` entry `cllm.provenance`, the ONNX export's side file,
-an edge bundle's manifest, a sensitivity JSON's `provenance`, and a `tEXt` chunk in the heat
-map PNG. Each reader here looks at headers only, so checking costs milliseconds even for a
-large model, and a malformed file simply counts as not cllm's.
+an edge bundle's manifest, a report folder's marker file `.cllm-report.json`, a sensitivity
+JSON's `provenance`, and a `tEXt` chunk in the heat map PNG. Each reader here looks at headers
+(and a report folder's listing) only, so checking costs milliseconds even for a large model,
+and a malformed file simply counts as not cllm's.
 
 `check_output` is what commands call before working; `ensure_replaceable` is the same rule
 applied by `atomic_path` at rename time, as a last line of defence.
@@ -32,6 +33,8 @@ from cllm.formats.checkpoint import parse_json_object
 PROVENANCE_KEY = "cllm.provenance"  # the same key in GGUF, safetensors and the PNG text chunk
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BUNDLE_SCHEMA = "cllm.bundle/1"
+REPORT_MARKER = ".cllm-report.json"  # in a report folder: schema, the files written, provenance
+REPORT_SCHEMA = "cllm.report/1"
 # the keys a sensitivity JSON has always carried: recognises those written before it held
 # provenance (they count as cllm's, with no provenance id, so they are rebuilt, not reused)
 SENSITIVITY_KEYS = frozenset({"candidates", "layers", "kld", "layer_params", "model_sha256"})
@@ -46,6 +49,7 @@ class Kind(str, Enum):
     HF_FOLDER = "HF folder"
     ONNX = "ONNX export folder"
     BUNDLE = "edge bundle"
+    REPORT = "report folder"
     SENSITIVITY_JSON = "sensitivity JSON"
     HEATMAP_PNG = "sensitivity heat map PNG"
 
@@ -96,8 +100,22 @@ def ensure_replaceable(path: Path, kind: Kind | None, label: str | None = None) 
     if not path.exists() and not path.is_symlink():
         return
     name = label or str(path)
+    if path.is_symlink() and path.is_dir():
+        # a folder output is renamed into place, which cannot go through a link
+        raise UsageError(
+            f"{name} is a symbolic link to a folder, not a cllm output folder",
+            "Choose another path or remove the link",
+        )
     what = "folder" if path.is_dir() else "file"
     found = inspect_output(path)
+    extra = _report_extras(path) if found is None and what == "folder" else None
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise UsageError(
+            f"{name} is a cllm {Kind.REPORT.value} but also holds files cllm did not write "
+            f"({shown})",
+            "Move them out, or choose another path",
+        )
     if found is None:
         raise UsageError(
             f"{name} is an existing {what} that cllm did not write",
@@ -124,6 +142,9 @@ def inspect_output(path: Path) -> Existing | None:
 
 
 def _inspect_folder(path: Path) -> Existing | None:
+    report = _report_folder(path)
+    if report is not None:
+        return _inspect_report(path, *report)
     manifest = path / "manifest.json"
     if manifest.is_file():
         data = _json_object(manifest)
@@ -144,6 +165,47 @@ def _inspect_folder(path: Path) -> Existing | None:
             if prov is not None:
                 return Existing(Kind.HF_FOLDER, prov)
     return None
+
+
+def _report_folder(path: Path) -> tuple[dict[str, Any], list[str]] | None:
+    """A report folder's marker and the entries it holds that the marker does not list;
+    None when there is no valid marker (schema `cllm.report/1`, a list of `files`)."""
+    marker = path / REPORT_MARKER
+    if not marker.is_file():
+        return None
+    data = _json_object(marker)
+    if (
+        data is None
+        or data.get("schema") != REPORT_SCHEMA
+        or not isinstance(data.get("files"), list)
+    ):
+        return None
+    listed = {str(f) for f in data["files"]} | {REPORT_MARKER}
+    extra = sorted(
+        n for n in (str(p.relative_to(path)) for p in path.rglob("*")) if n not in listed
+    )
+    return data, extra
+
+
+def _inspect_report(path: Path, marker: dict[str, Any], extra: list[str]) -> Existing | None:
+    """A report folder is cllm's only when it holds nothing its marker does not list (it is
+    replaced as a whole, so anything added by hand would go with it). One missing a listed
+    file is still cllm's, but with no provenance, so it is redrawn rather than reused."""
+    if extra:
+        return None
+    prov = marker.get("provenance")
+    complete = all((path / str(f)).is_file() for f in marker["files"])
+    return Existing(Kind.REPORT, prov if isinstance(prov, dict) and complete else {})
+
+
+def _report_extras(path: Path) -> list[str] | None:
+    """What stops the folder at `path` from being a cllm report folder it otherwise is: the
+    entries its marker does not list (None: not a report folder, or unreadable)."""
+    try:
+        report = _report_folder(path)
+    except OSError:
+        return None
+    return report[1] if report is not None else None
 
 
 def _inspect_file(path: Path) -> Existing | None:

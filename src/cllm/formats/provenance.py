@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -43,6 +44,18 @@ def provenance_id(parent_sha256: str | None, op: str, params: dict[str, Any]) ->
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _created() -> str:
+    """Now, or SOURCE_DATE_EPOCH when set (the reproducible-builds convention): with it, a
+    deterministic step run twice writes byte-identical files (the recipes rely on this)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = (
+        datetime.fromtimestamp(int(epoch), timezone.utc)
+        if epoch.isdigit()
+        else datetime.now(timezone.utc)
+    )
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def make_provenance(
     op: str,
     params: dict[str, Any],
@@ -62,7 +75,7 @@ def make_provenance(
         "seed": seed,
         "command": command if command is not None else ["cllm", *sys.argv[1:]],
         "versions": versions(),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": _created(),
     }
 
 

@@ -158,6 +158,10 @@ class QuantizeJob(CalibratedJob):
             parse_size(self.req.target_size)
         if not self.req.mixed:
             self.target.grid(self.cfg)  # validates the grid flags before heavy work
+        else:
+            from cllm.core.quantize.sensitivity import check_candidates
+
+            check_candidates(self.req.candidate_types(), mixed=True)
 
     def outputs(self) -> list[OutputSpec]:
         if self.target.to == "gguf":

@@ -11,6 +11,7 @@ which is what the additive approximation supports).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from cllm.core.heatmap import heatmap
-from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, GroupParams, quantize_rtn
+from cllm.core.quantize.grid import (
+    GGUF_GRIDS,
+    GGUFGrid,
+    Grid,
+    GroupParams,
+    IntGrid,
+    dequantize_groups,
+    quantize_rtn,
+)
 from cllm.core.sensitivity import kld_map, layer_linears
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
@@ -43,14 +52,37 @@ class SensitivityReport:
         return cls(**{k: d[k] for k in ("candidates", "layers", "kld", "layer_params", "protocol")})
 
 
-def check_candidates(candidates: list[str]) -> None:
+# int grids (INT3 = 3-bit, group 128, symmetric; INT3G64 = group 64) are measured for the
+# heat map only: mixed precision allocates llama.cpp types, which have a storage cost
+_INT_CANDIDATE = re.compile(r"INT([2-8])(?:G(32|64|128|256))?")
+
+
+def candidate_grid(name: str) -> Grid:
+    if name in GGUF_GRIDS:
+        return GGUFGrid(name)
+    m = _INT_CANDIDATE.fullmatch(name)
+    if m is None:
+        raise UsageError(
+            f"sensitivity candidate {name} is not supported",
+            "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, or INT2 ... INT8 with an optional group (INT3G64)",
+        )
+    return IntGrid(bits=int(m.group(1)), group_size=int(m.group(2) or 128))
+
+
+def check_candidates(candidates: list[str], mixed: bool = False) -> None:
+    """A sensitivity map measures GGUF legacy types and int grids; mixed precision (which
+    checks its GGUF types where it plans) refuses the int grids, which have no llama.cpp type."""
     if not candidates:
         raise UsageError("--candidates is empty", "e.g. --candidates Q4_0,Q5_0,Q8_0")
     for c in candidates:
-        if c not in GGUF_GRIDS:
-            raise UsageError(
-                f"sensitivity candidate {c} is not supported", "Use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"
-            )
+        if mixed:
+            if _INT_CANDIDATE.fullmatch(c):
+                raise UsageError(
+                    f"mixed precision cannot choose {c}: it is not a llama.cpp type",
+                    "Int candidates are for --sensitivity maps; mix among llama.cpp types",
+                )
+        else:
+            candidate_grid(c)
 
 
 def measure_sensitivity(
@@ -67,11 +99,15 @@ def measure_sensitivity(
               for i in range(len(model.model.layers))]  # fmt: skip
 
     def round_layer(model: Any, i: int, column: str, _probe: Any) -> Callable[[], None]:
-        grid = GGUFGrid(column)
+        grid = candidate_grid(column)
         linears = layer_linears(model, i)
         originals = {n: m.weight.data for n, m in linears.items()}
         for n, m in linears.items():
             codes, scales, zeros = quantize_rtn(originals[n], grid)
+            if isinstance(grid, IntGrid):
+                width = grid.group_width(codes.shape[1])
+                m.weight.data = dequantize_groups(codes, scales, zeros, width)
+                continue
             per_col = GroupParams(scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1))
             m.weight.data = grid.dequantize(codes, per_col)
 

@@ -1,18 +1,23 @@
 """The report pipeline: request -> output check -> inputs read and checked -> id -> --dry-run
--> reuse when up to date -> drawn in a temporary folder beside the output -> renamed.
+-> reuse when up to date -> drawn beside the output and renamed (`atomic_path`).
 
-A report folder is cllm's when it holds the marker file `.cllm-report.json` (schema
-`cllm.report/1`: the inputs' hashes, the options, the files written). Only such a folder,
-holding nothing but the files its marker lists, is ever replaced; any other folder or file
-at the output path is refused before an input is read. A report made from the same inputs
-(by content) and options is up to date: nothing is redrawn unless `force`.
+A report folder is a cllm output of kind `Kind.REPORT`: `formats.outputs` recognises it by
+its marker file `.cllm-report.json` (schema `cllm.report/1`: the inputs' hashes, the
+options, the files written) and refuses one that also holds files the marker does not list,
+so only a folder cllm wrote, holding nothing else, is ever replaced; any other folder or
+file at the output path is refused before an input is read. A report made from the same
+inputs (by content) and options is up to date: nothing is redrawn unless `force`.
+
+`core.job.run_job` does not drive this: it resolves one CHECKPOINT argument (`Job.accepts`
+names checkpoint, ONNX and bundle inputs) and names the output after it, while a report
+reads many record files (or stdin's text) and has no parent model. The steps are the same
+and use the same pieces: `check_output`, leftovers cleanup, `provenance_id`, `atomic_path`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +38,12 @@ from cllm.core.report.pareto import (
 )
 from cllm.core.report.plots import X_AXES, draw, draw_heatmap, plan_plots, require_matplotlib
 from cllm.errors import UsageError
+from cllm.formats.outputs import REPORT_MARKER as MARKER
+from cllm.formats.outputs import REPORT_SCHEMA as SCHEMA
+from cllm.formats.outputs import Kind, check_output
 
-MARKER = ".cllm-report.json"
-SCHEMA = "cllm.report/1"
 INDEX = "index.md"
 RENDERER = 1  # bump when the same inputs would give a different report
-_HINT = "Choose another path with -o, or remove it"
 
 
 @dataclass
@@ -69,60 +74,6 @@ class ReportResult:
     skipped: list[str] = field(default_factory=list)  # plots not drawn, with the reason
 
 
-# -- the output folder ---------------------------------------------------------------------
-
-
-def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The marker of a report folder cllm wrote, or None."""
-    try:
-        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        return None
-    if not isinstance(data.get("files"), list):
-        return None
-    return data
-
-
-def check_output(path: Path, label: str) -> dict[str, Any] | None:
-    """May a report be written at `path`? Returns the marker of the cllm report already
-    there (None: nothing there); raises UsageError for anything else."""
-    if path.is_symlink():
-        raise UsageError(f"{label} is a symbolic link, not a cllm report folder", _HINT)
-    if not path.exists():
-        return None
-    if not path.is_dir():
-        raise UsageError(f"{label} is an existing file, not a cllm report folder", _HINT)
-    marker = read_marker(path)
-    if marker is None:
-        raise UsageError(f"{label} is an existing folder that cllm did not write", _HINT)
-    listed = {str(f) for f in marker["files"]} | {MARKER}
-    extra = sorted(
-        str(p.relative_to(path)) for p in path.rglob("*") if str(p.relative_to(path)) not in listed
-    )
-    if extra:
-        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        raise UsageError(
-            f"{label} is a cllm report folder but also holds files cllm did not write ({shown})",
-            "Move them out, or choose another path with -o",
-        )
-    return marker
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # -- the pipeline --------------------------------------------------------------------------
 
 
@@ -145,8 +96,7 @@ def build_report(
     events = events or Silent()
     req.validate()
     dest = Path(os.path.abspath(req.output))
-    label = f"-o {req.output}"
-    existing = check_output(dest, label)  # refused before any input is read
+    check = check_output(dest, Kind.REPORT, f"-o {req.output}")  # before any input is read
     require_matplotlib()
     inputs = load_inputs(req.inputs, stdin)
     params = _params(req, inputs)
@@ -156,21 +106,24 @@ def build_report(
         return result
     for left in remove_stale_temporaries(dest):
         events.warn(describe_leftover(left))
-    if existing is not None and not req.force:
-        same = (existing.get("provenance") or {}).get("id") == pid
-        files = [str(f) for f in existing["files"]]
-        if same and all((dest / f).is_file() for f in files):
-            events.log(f"{req.output} is up to date (same inputs and options); --force redoes it")
-            result.status, result.files = "reused", files
-            return result
+    if check.up_to_date(pid) and not req.force:
+        events.log(f"{req.output} is up to date (same inputs and options); --force redoes it")
+        result.status, result.files = "reused", _listed(dest)
+        return result
     for note in inputs.notes:
         events.warn(note)
     page = make_page(req, inputs)
     result.rows = len(page.groups)
     result.skipped = [f"{p.file}: {p.skipped}" for p in page.plots if p.skipped]
-    result.files = write_folder(dest, label, page, params, events)
+    result.files = write_folder(dest, page, params, events)
     result.status = "written"
     return result
+
+
+def _listed(folder: Path) -> list[str]:
+    """The files the marker of a report folder lists."""
+    marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    return [str(f) for f in marker["files"]]
 
 
 def make_page(req: ReportRequest, inputs: Inputs) -> Page:
@@ -192,17 +145,12 @@ def make_page(req: ReportRequest, inputs: Inputs) -> Page:
                 tasks, all_tasks, req.x)  # fmt: skip
 
 
-def write_folder(
-    dest: Path, label: str, page: Page, params: dict[str, Any], events: Events
-) -> list[str]:
+def write_folder(dest: Path, page: Page, params: dict[str, Any], events: Events) -> list[str]:
     """Draw everything into a temporary folder beside `dest`, then rename it onto `dest`."""
-    from cllm.formats.atomic import fsync_file
-    from cllm.formats.leftovers import make_temp_dir
+    from cllm.formats.atomic import atomic_path
     from cllm.formats.provenance import make_provenance
 
-    tmp = make_temp_dir(dest)
-    target = tmp / dest.name
-    try:
+    with atomic_path(dest, Kind.REPORT) as target:
         target.mkdir()
         files: list[str] = []
         drawn = [p for p in page.plots if p.skipped is None]
@@ -223,14 +171,5 @@ def write_folder(
             "provenance": make_provenance("report", params, None, None),
         }
         (target / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
-        for f in [*files, MARKER]:
-            fsync_file(target / f)
-        check_output(dest, label)  # again at rename time: nothing else appeared meanwhile
-        if dest.exists():
-            os.replace(dest, tmp / (dest.name + ".old"))
-        os.replace(target, dest)
-        _fsync(dest.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     events.log(f"wrote {dest}: {', '.join(files)}")
     return files
