@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -260,3 +261,22 @@ def test_pruned_shapes_export_to_gguf_that_llama_cpp_runs(tmp_path: Path, how: s
     finally:
         backend.close()
     assert float(np.abs(got - ref).max()) < 1e-3 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_source_date_epoch_makes_a_rewrite_byte_identical(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipes' promise: a deterministic step run twice writes the same bytes. Only the
+    provenance timestamp differs between runs, and SOURCE_DATE_EPOCH fixes it."""
+    ckpt = open_checkpoint(tiny_model)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"m{i}.gguf"
+        prov = make_provenance("export", {"to": "gguf"}, ckpt.sha256, None, command=["cllm"])
+        assert prov["created"] == "2026-01-01T00:00:00Z"
+        save_gguf(out, ckpt, "Q8_0", prov)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert make_provenance("x", {}, None, None)["created"] != "2026-01-01T00:00:00Z"

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - older typer uses the click package
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from cllm import __version__
-from cllm.cli._common import STATE, debug_enabled, route_library_warnings
+from cllm.cli._console import STATE, debug_enabled, route_library_warnings
 from cllm.cli.bench import bench_cmd
 from cllm.cli.eval import eval_cmd
 from cllm.cli.export import export_cmd

@@ -7,7 +7,10 @@ from typing import Any
 
 import typer
 
-from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, log, out_console, use_json
+from cllm.cli._console import log, out_console, use_json
+from cllm.cli._emit import emit_json
+from cllm.cli._errors import handle_errors
+from cllm.cli._options import JSON_OPTION
 from cllm.errors import UsageError
 
 

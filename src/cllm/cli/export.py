@@ -7,16 +7,10 @@ from pathlib import Path
 
 import typer
 
-from cllm.cli._common import (
-    DRY_RUN_OPTION,
-    EVENTS,
-    FORCE_OPTION,
-    JSON_OPTION,
-    emit_result,
-    handle_errors,
-    output_option,
-    use_json,
-)
+from cllm.cli._console import EVENTS, use_json
+from cllm.cli._emit import emit_result
+from cllm.cli._errors import handle_errors
+from cllm.cli._options import DRY_RUN_OPTION, FORCE_OPTION, JSON_OPTION, output_option
 from cllm.errors import UsageError
 
 

@@ -6,7 +6,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cllm.cli._common import JSON_OPTION, emit_json, handle_errors, out_console, progress, use_json
+from cllm.cli._console import out_console, progress, use_json
+from cllm.cli._emit import emit_json
+from cllm.cli._errors import handle_errors
+from cllm.cli._options import JSON_OPTION
 
 if TYPE_CHECKING:
     from cllm.core.info import InfoReport
@@ -135,7 +138,7 @@ def _sparsity_rows(report: InfoReport) -> list[tuple[str, str]]:
     spread is what shows a non-uniform (OWL, --layers) prune at a glance; -v lists every layer."""
     from statistics import median
 
-    from cllm.cli._common import STATE
+    from cllm.cli._console import STATE
 
     linear, layers, pattern = report.linear_sparsity, report.sparsity_layers, report.nm_pattern
     if linear is None:

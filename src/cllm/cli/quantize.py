@@ -7,21 +7,20 @@ from pathlib import Path
 
 import typer
 
-from cllm.cli._common import (
+from cllm.cli._console import EVENTS, use_json
+from cllm.cli._emit import emit_result
+from cllm.cli._errors import handle_errors
+from cllm.cli._options import (
     CALIB_DTYPE_OPTION,
     CALIB_OPTION,
     CALIB_SAMPLES_OPTION,
     CALIB_SEQLEN_OPTION,
     DRY_RUN_OPTION,
-    EVENTS,
     FORCE_OPTION,
     JSON_OPTION,
     SEED_OPTION,
     SENSITIVITY_CHUNKS_OPTION,
-    emit_result,
-    handle_errors,
     output_option,
-    use_json,
 )
 
 

@@ -8,15 +8,10 @@ from pathlib import Path
 
 import typer
 
-from cllm.cli._common import (
-    DRY_RUN_OPTION,
-    EVENTS,
-    JSON_OPTION,
-    emit_artifact,
-    emit_plan,
-    handle_errors,
-    use_json,
-)
+from cllm.cli._console import EVENTS, use_json
+from cllm.cli._emit import emit_artifact, emit_plan
+from cllm.cli._errors import handle_errors
+from cllm.cli._options import DRY_RUN_OPTION, JSON_OPTION
 
 
 class XAxis(str, Enum):
