@@ -159,6 +159,14 @@ def test_sensitivity_then_mixed_precision(
     )  # one layer each
     prov = info["provenance"][0]["params"]["mixed"]
     assert prov["bits_per_weight"] <= 5.0 and len(prov["sensitivity_sha256"]) == 64
+    # the map rides in the provenance: the model's eval record carries it, the report draws it
+    assert prov["sensitivity_map"]["kld"] == data["kld"]
+    rec = run_cli("eval", str(mixed), "--text", str(tiny_text), "--ctx", "64", "--chunks", "1",
+                  "--json", check=True).stdout  # fmt: skip
+    assert json.loads(rec)["sensitivity"]["candidates"] == ["Q4_0", "Q5_0", "Q8_0"]
+    (tmp_path / "rec.ndjson").write_text(rec)
+    run_cli("report", str(tmp_path / "rec.ndjson"), "-o", str(tmp_path / "rep"), check=True)
+    assert [p.name for p in (tmp_path / "rep").glob("heatmap-*.png")]
 
     # a file-size budget: the output must fit, GPTQ included (metadata is estimated from above,
     # so leave the tiny model some room beyond the mixed file's own size)

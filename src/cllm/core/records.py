@@ -90,6 +90,8 @@ def step_summary(prov: dict[str, Any]) -> dict[str, Any]:
         what = params.get("gguf_type") or params.get("quant") or ""
         out.update(to=params.get("to"), gguf_type=params.get("gguf_type"))
         label = f"export {params.get('to')} {what}".strip()
+    if samples is not None:  # calibration size tells settings of one method apart
+        label += f" n{samples}"
     out["label"] = label
     return {k: v for k, v in out.items() if v is not None}
 
@@ -101,6 +103,13 @@ def _strip_seeds(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_strip_seeds(v) for v in obj]
     return obj
+
+
+def _calibration_setting(prov: dict[str, Any]) -> dict[str, Any] | None:
+    cal = prov.get("calibration")
+    if not isinstance(cal, dict):
+        return None
+    return {k: cal.get(k) for k in ("samples", "seqlen", "path")}
 
 
 def provenance_summary(prov: dict[str, Any] | None) -> dict[str, Any]:
@@ -119,7 +128,11 @@ def provenance_summary(prov: dict[str, Any] | None) -> dict[str, Any]:
     out["parent"] = parent.get("sha256")
     out["parent_path"] = parent.get("path")
     out["id"] = (prov or {}).get("id")
-    blob = json.dumps([_strip_seeds(p.get("params")) for p in steps], sort_keys=True, default=str)
+    blob = json.dumps(
+        [[_strip_seeds(p.get("params")), _calibration_setting(p)] for p in steps],
+        sort_keys=True,
+        default=str,
+    )
     out["setting"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
 

@@ -66,7 +66,7 @@ def describe(c: Candidate) -> dict[str, Any]:
         tensor_bytes = sum(i.nbytes for i in infos)
         bpw = tensor_bytes * 8 / params if params else None
         fmt = model.format
-    return {
+    record = {
         "schema": EVAL_SCHEMA,
         "name": c.name,
         "path": str(Path(model.path).resolve()),
@@ -78,6 +78,21 @@ def describe(c: Candidate) -> dict[str, Any]:
         "backend": c.backend,
         "provenance": provenance_summary(c.provenance),
     }
+    sens = sensitivity_in(c.provenance)
+    if sens is not None:
+        record["sensitivity"] = sens
+    return record
+
+
+def sensitivity_in(prov: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-layer sensitivity map a mixed-precision step was planned from, if any."""
+    from cllm.formats.provenance import chain
+
+    for step in chain(prov):
+        sens = ((step.get("params") or {}).get("mixed") or {}).get("sensitivity_map")
+        if isinstance(sens, dict) and isinstance(sens.get("kld"), list):
+            return sens
+    return None
 
 
 def vocab_size(model: Any) -> int | None:

@@ -350,7 +350,15 @@ class QuantizeJob(CalibratedJob):
             f"mixed precision at {stats['bits_per_weight']:.3f} bits/weight: "
             + ", ".join(f"{t} x{types.count(t)}" for t in sorted(set(types)))
         )
-        return {"sensitivity_sha256": sha, "layer_types": types, **stats}
+        # the map itself (a few hundred numbers) rides along, so `cllm report` can draw the
+        # heat map a mixed-precision model was planned from, from the model alone
+        sens_map = {"candidates": report.candidates, "kld": report.kld, "layers": report.layers}
+        return {
+            "sensitivity_sha256": sha,
+            "layer_types": types,
+            "sensitivity_map": sens_map,
+            **stats,
+        }
 
 
 def after_layer(i: int, n: int, advance: Any) -> None:
