@@ -51,6 +51,23 @@ def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
+def tiny_ggufs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model exported to F32, Q8_0 and Q4_0 GGUFs (with export provenance)."""
+    from cllm.formats.checkpoint import open_checkpoint
+    from cllm.formats.provenance import make_provenance
+    from cllm.formats.save import save_gguf
+
+    ckpt = open_checkpoint(tiny_model)
+    out = tmp_path_factory.mktemp("tiny-gguf")
+    files = {}
+    for t in ("F32", "Q8_0", "Q4_0"):
+        files[t] = out / f"tiny.{t}.gguf"
+        prov = make_provenance("export", {"to": "gguf", "gguf_type": t}, ckpt.sha256, None)
+        save_gguf(files[t], ckpt, t, prov)
+    return files
+
+
+@pytest.fixture(scope="session")
 def wiki_text() -> Path:
     from cllm.paths import default_eval_text
 

@@ -16,21 +16,8 @@ from cllm.core.eval.perplexity import BaseLogprobCache, EvalConfig, evaluate
 from cllm.core.eval.run import run_eval
 from cllm.errors import InputError
 from cllm.formats.checkpoint import open_checkpoint
-from cllm.formats.provenance import make_provenance
-from cllm.formats.save import save_gguf
 
 CTX = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_ggufs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    ckpt = open_checkpoint(tiny_model)
-    out = tmp_path_factory.mktemp("eval-gguf")
-    files = {}
-    for t in ("F32", "Q8_0", "Q4_0"):
-        files[t] = out / f"tiny.{t}.gguf"
-        save_gguf(files[t], ckpt, t, make_provenance("export", {"t": t}, ckpt.sha256, None))
-    return files
 
 
 def test_chunks_are_non_overlapping_from_the_start() -> None:

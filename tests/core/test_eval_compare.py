@@ -14,7 +14,6 @@ from cllm.core.export import OnnxExportConfig, export
 from cllm.errors import InputError, UsageError
 from cllm.formats.checkpoint import open_checkpoint
 from cllm.formats.provenance import make_provenance
-from cllm.formats.save import save_gguf
 from cllm.testing.tiny import save_tiny_llama
 from tests.conftest import cli_in_process
 
@@ -22,19 +21,16 @@ CTX = 64
 
 
 @pytest.fixture(scope="module")
-def candidates(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def candidates(
+    tiny_model: Path, tiny_ggufs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """The tiny model as an F32 GGUF, a Q4_0 GGUF and an fp32 ONNX export."""
     ckpt = open_checkpoint(tiny_model)
-    out = tmp_path_factory.mktemp("compare")
-    files = {}
-    for t in ("F32", "Q4_0"):
-        files[t] = out / f"tiny.{t}.gguf"
-        prov = make_provenance("export", {"to": "gguf", "gguf_type": t}, ckpt.sha256, None)
-        save_gguf(files[t], ckpt, t, prov)
-    files["onnx"] = out / "tiny.fp32.onnx"
-    export(ckpt, OnnxExportConfig(), files["onnx"],
-           make_provenance("export", {"to": "onnx"}, ckpt.sha256, None))  # fmt: skip
-    return files
+    onnx = tmp_path_factory.mktemp("compare") / "tiny.fp32.onnx"
+    export(
+        ckpt, OnnxExportConfig(), onnx, make_provenance("export", {"to": "onnx"}, ckpt.sha256, None)
+    )
+    return {"F32": tiny_ggufs["F32"], "Q4_0": tiny_ggufs["Q4_0"], "onnx": onnx}
 
 
 def _req(tiny_text: Path, names: list[str], **kw: object) -> CompareRequest:
