@@ -42,7 +42,7 @@ esac
 
 say "installing cllm and its dependencies (llama-cpp-python builds from source the first time)"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
-  "${PIP[@]}" install -q -e ".[llama,dev,plots,onnx,tasks]"
+  "${PIP[@]}" install -q -e ".[llama,dev,plots,onnx,tasks,lora]"
 
 # OpenSSH's server, for the loopback test of `cllm bench --remote` (best effort: root + apt only;
 # without it that test is skipped and says why)

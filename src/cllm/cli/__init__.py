@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - older typer uses the click package
 from cllm import __version__
 from cllm.cli._console import STATE, debug_enabled, route_library_warnings
 from cllm.cli.bench import bench_cmd
+from cllm.cli.distill import distill_cmd
 from cllm.cli.eval import eval_cmd
 from cllm.cli.export import export_cmd
 from cllm.cli.info import info
@@ -89,6 +90,7 @@ app.command("eval")(eval_cmd)
 app.command("export")(export_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("prune")(prune_cmd)
+app.command("distill")(distill_cmd)
 app.command("bench")(bench_cmd)
 app.command("report")(report_cmd)
 

@@ -123,8 +123,30 @@ def _info(checkpoint: str, sparsity: bool, as_json: bool) -> None:
             ver = (p.get("versions") or {}).get("cllm", "")
             prov.add_row(str(i), str(p.get("op")), params, parent, str(p.get("created")), str(ver))
         con.print(prov)
+        for i, p in enumerate(report.provenance):
+            if p.get("result"):
+                con.print(f"{i}  {p.get('op')} result: {_result_line(p['result'])}")
     else:
         con.print("provenance: none recorded (not made by cllm)")
+
+
+def _result_line(result: dict) -> str:
+    """A training run's outcome in one line: final losses, held-out KLD first -> last."""
+    parts = [f"{result.get('steps')} steps"]
+    final = result.get("final") or {}
+    if "loss" in final:
+        parts.append(f"final loss {final['loss']:.4f}")
+    evals = result.get("evals") or []
+    if evals:
+        first, last = evals[0], evals[-1]
+        parts.append(
+            f"held-out KLD {first['kld']:.4f} (step {first['step']}) -> {last['kld']:.4f} (step {last['step']})"
+        )
+    if result.get("tokens_per_s"):
+        parts.append(
+            f"{result['tokens_per_s']:,.0f} tokens/s on {result.get('processes', 1)} process(es)"
+        )
+    return ", ".join(parts)
 
 
 def _architecture(report: InfoReport) -> str:

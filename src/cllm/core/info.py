@@ -175,6 +175,7 @@ def inspect_checkpoint(
                 "parent_sha256": (p.get("parent") or {}).get("sha256"),
                 "versions": p.get("versions"),
             }
+            | ({"result": p["result"]} if "result" in p else {})  # what a training run reached
             for p in chain(ckpt.provenance)
         ],
         linear_sparsity=counter.linear_sparsity if counter is not None else None,
@@ -235,6 +236,7 @@ def inspect_folder_artifact(path: Path) -> dict[str, Any] | None:
     report["provenance"] = [
         {k: p.get(k) for k in ("op", "params", "created", "command")}
         | {"parent_sha256": (p.get("parent") or {}).get("sha256"), "versions": p.get("versions")}
+        | ({"result": p["result"]} if "result" in p else {})
         for p in chain(prov)
     ]
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,17 +32,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
+def build_torch_model(
+    ckpt: Checkpoint,
+    allow_nonfinite: bool = False,
+    *,
+    config_dict: dict[str, Any] | None = None,
+    tensors: Iterable[tuple[str, Any]] | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
     """A transformers model holding the checkpoint's weights, read tensor by tensor.
 
     The module tree is made on the meta device (no random init, no double
-    allocation), then each tensor is assigned as it is read.
+    allocation), then each tensor is assigned as it is read. `config_dict` and `tensors`
+    replace the checkpoint's own (a student made of some of its layers);
+    `attn_implementation="eager"` is what returns attention maps.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    cfg_dict = dict(ckpt.config)
+    cfg_dict = dict(ckpt.config if config_dict is None else config_dict)
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.pop("model_type", None)
     if not model_type:
@@ -49,10 +59,12 @@ def build_torch_model(ckpt: Checkpoint, allow_nonfinite: bool = False) -> Any:
     config = AutoConfig.for_model(
         model_type, **{k: v for k, v in cfg_dict.items() if k != "transformers_version"}
     )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
-    for name, tensor in ckpt.iter_tensors():
+    for name, tensor in ckpt.iter_tensors() if tensors is None else tensors:
         if tensor.is_floating_point():
             tensor = tensor.float()
             if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
@@ -101,6 +113,16 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.model = build_torch_model(ckpt, allow_nonfinite)
         self.threads = torch.get_num_threads()
+
+    @classmethod
+    def of(cls, model: Any) -> TorchBackend:
+        """A model already in memory (a student being trained) as a backend."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.model = model
+        self.threads = torch.get_num_threads()
+        return self
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         import torch

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -164,12 +164,20 @@ def _check_vocab(lp: np.ndarray, blp: np.ndarray) -> None:
         )
 
 
+class LogprobStore(Protocol):
+    """Where the base's log-probabilities of each chunk are kept: on disk
+    (`BaseLogprobCache`) or in memory (distillation's held-out chunks)."""
+
+    def get(self, i: int) -> np.ndarray | None: ...
+    def put(self, i: int, lp: np.ndarray) -> None: ...
+
+
 def evaluate(
     backend: Backend | None,
     chunks: list[np.ndarray],
     ctx: int,
     base: Backend | None = None,
-    base_cache: BaseLogprobCache | None = None,
+    base_cache: LogprobStore | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
     tops: TopTokens | None = None,
     top_k: int = 3,

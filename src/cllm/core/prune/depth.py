@@ -100,6 +100,26 @@ def _renamed(ckpt: Checkpoint, old: str, new: str) -> PlannedTensor:
     return PlannedTensor(new, info.shape, dtype, produce)
 
 
+def keep_layers(ckpt: Checkpoint, kept: list[int]) -> tuple[dict[str, Any], list[PlannedTensor]]:
+    """The config and tensors of a model made of `kept` decoder layers (in that order,
+    renumbered from 0): what depth pruning writes and `cllm distill --init layers:` trains."""
+    st = layers_for_config(ckpt.config)
+    n_layers = int(ckpt.config[st.layers_key])
+    new_index = {old: new for new, old in enumerate(kept)}
+    plans = []
+    for name in ckpt.tensor_infos():
+        new_name = st.renumbered(name, new_index)
+        if new_name is not None:
+            plans.append(_renamed(ckpt, name, new_name))
+    out = output_config(ckpt)
+    out[st.layers_key] = len(kept)
+    for key in st.per_layer_keys:
+        value = out.get(key)
+        if isinstance(value, list) and len(value) == n_layers:
+            out[key] = [value[i] for i in kept]
+    return out, plans
+
+
 @PRUNERS.register("depth", DepthConfig)
 def prune_depth(ckpt: Checkpoint, cfg: DepthConfig, ctx: PruneContext) -> PrunedModel:
     st = layers_for_config(ckpt.config)
@@ -130,19 +150,7 @@ def prune_depth(ckpt: Checkpoint, cfg: DepthConfig, ctx: PruneContext) -> Pruned
         dropped = choose_layers(cfg.metric, values, n)
 
     kept = [i for i in range(n_layers) if i not in set(dropped)]
-    new_index = {old: new for new, old in enumerate(kept)}
-    plans = []
-    for name in ckpt.tensor_infos():
-        new_name = st.renumbered(name, new_index)
-        if new_name is not None:
-            plans.append(_renamed(ckpt, name, new_name))
-
-    out = output_config(ckpt)
-    out[st.layers_key] = len(kept)
-    for key in st.per_layer_keys:
-        value = out.get(key)
-        if isinstance(value, list) and len(value) == n_layers:
-            out[key] = [value[i] for i in kept]
+    out, plans = keep_layers(ckpt, kept)
     report.update(
         {
             "dropped_layers": dropped,

@@ -1,0 +1,202 @@
+"""Distillation recovery and throughput on SmolLM2-135M, cllm beside TRL.
+
+Teacher and base: SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF (fp32). Students:
+25% of the MLP channels removed structurally, and 4 layers dropped by block influence
+(both `cllm prune ... --dequantize`). Training text: WikiText-2 validation (the shipped
+calibration text) in windows of --seqlen tokens. Quality: KLD against the teacher over
+--chunks chunks of 512 tokens of WikiText-2 test (DESIGN.md section 6, torch backend);
+recovery = the share of the student's KLD gap that training closed, 1 - KLD_after /
+KLD_before (the teacher's own KLD is 0).
+
+Targets (issue 12): 300 steps of logit distillation close >= 30% of the MLP student's
+gap and beat 300 steps of cross-entropy fine-tuning on the same data; the depth student's
+recovery is reported; the teacher cache raises training tokens/s >= 1.5x over on-the-fly
+teacher passes; against TRL's GKD trainer (same student, teacher, data, steps, batch):
+recovery and tokens/s >= TRL's, or TRL's exact error.
+
+    python bench/distill.py                       # everything (about 2 hours on 2 cores)
+    python bench/distill.py --steps 30 --skip-peer --work /tmp/d   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cllm, print_table, write_results  # noqa: E402
+
+PEERS = Path(__file__).resolve().parent / "peers"
+PEER_PYTHON = PEERS / "trl" / ".venv" / "bin" / "python"
+PEER_RUNNER = PEERS / "trl_distill.py"
+
+
+def quality(path: str, chunks: int) -> dict[str, float]:
+    out, _ = cllm("eval", path, "--chunks", str(chunks), "--kld-base", "smollm2-135m",
+                  "--threads", "2", "--json")  # fmt: skip
+    rec = json.loads(out)
+    ppl = rec["perplexity"]
+    return {
+        "kld": rec["kld"]["mean"],
+        "ppl": ppl["value"] if isinstance(ppl, dict) else ppl,
+        "top1": rec["kld"].get("top1_agreement"),
+    }
+
+
+def result_of(folder: str) -> dict[str, Any]:
+    """What the distilled student's provenance says about its run."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        prov = json.loads(f.metadata()["cllm.provenance"])
+    return prov.get("result", {})
+
+
+def distill(student: str, out: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    cmd = [
+        "distill", student, "--teacher", "smollm2-135m", "--steps", str(args.steps),
+        "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--lr", str(args.lr),
+        "--save-every", str(max(args.steps, 1)), "-o", str(out), *extra,
+    ]  # fmt: skip
+    _, wall = cllm(*cmd)
+    res = result_of(str(out))
+    return {"wall_s": wall, "tokens_per_s": res.get("tokens_per_s"), "final": res.get("final")}
+
+
+def peer(
+    student_hf: str, teacher_hf: str, data: str, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    if not PEER_PYTHON.exists():
+        return {"error": f"peer environment missing: {PEER_PYTHON} (see bench/peers/README.md)"}
+    result = out.with_suffix(".json")
+    cmd = [
+        str(PEER_PYTHON), str(PEER_RUNNER), "--student", student_hf, "--teacher", teacher_hf,
+        "--data", data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--seqlen", str(args.seqlen), "--lr", str(args.lr), "--seed", "0", "--out", str(out),
+        "--json", str(result), "--adam-beta2", "0.95", "--min-lr-rate", "0.1",  # cllm's settings
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    try:
+        rec = json.loads(result.read_text())
+    except (OSError, ValueError):
+        rec = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    rec["wall_s"] = wall
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--throughput-steps", type=int, default=20)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-depth", action="store_true")
+    ap.add_argument("--work", type=Path, default=None, help="keep the models here")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="cllm-distill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    from cllm.core.calib import default_calibration_file
+
+    data = str(default_calibration_file())
+
+    teacher_hf, _ = cllm(
+        "export", "smollm2-135m", "--to", "safetensors", "-o", str(work / "teacher-hf")
+    )
+    students = {"mlp25": ["--structured", "mlp", "--ratio", "0.25"]}
+    if not args.skip_depth:
+        students["depth4"] = ["--drop-layers", "4", "--layer-metric", "block-influence"]
+    rows: list[dict[str, Any]] = []
+    for name, flags in students.items():
+        path, wall = cllm("prune", "smollm2-135m", *flags, "--dequantize", "-o", str(work / name))
+        before = quality(path, args.chunks)
+        rows.append({"student": name, "run": "pruned", "steps": 0, **before, "wall_s": wall})
+        print(f"{name}: pruned, KLD {before['kld']:.4f}", file=sys.stderr)
+        runs = [("distill fkl", [])]
+        if name == "mlp25":
+            runs.append(("cross-entropy", ["--alpha", "0"]))
+        for label, extra in runs:
+            out = work / f"{name}-{label.split()[0]}"
+            r = distill(path, out, args, *extra)
+            q = quality(str(out), args.chunks)
+            rows.append({
+                "student": name, "run": f"cllm {label}", "steps": args.steps, **q, **r,
+                "recovery": 1 - q["kld"] / before["kld"],
+            })  # fmt: skip
+            print(f"{name}: {label}, KLD {q['kld']:.4f}", file=sys.stderr)
+        if name == "mlp25" and not args.skip_peer:
+            out = work / f"{name}-trl"
+            rec = peer(path, teacher_hf, data, out, args)
+            row = {"student": name, "run": "TRL GKD", "steps": args.steps, **rec}
+            if not rec.get("error"):
+                q = quality(str(out), args.chunks)
+                row.update(q)
+                row["recovery"] = 1 - q["kld"] / before["kld"]
+            rows.append(row)
+
+    # throughput: the same short run with the teacher on the fly, filling a cache, reading it
+    short = argparse.Namespace(**{**vars(args), "steps": args.throughput_steps})
+    mlp = str(work / "mlp25")
+    cache = work / "teacher-cache"
+    thr = {}
+    for label, extra in (
+        ("on the fly", []),
+        (
+            "cache: first run (fills it)",
+            ["--top-k", str(args.top_k), "--teacher-cache", str(cache)],
+        ),
+        ("cache: later runs", ["--top-k", str(args.top_k), "--teacher-cache", str(cache)]),
+    ):
+        out = work / f"thr-{len(thr)}"
+        thr[label] = distill(mlp, out, short, *extra, "--force")
+    speed = {label: r["tokens_per_s"] for label, r in thr.items()}
+    gain = speed["cache: later runs"] / speed["on the fly"]
+
+    print_table(
+        f"cllm distill: recovery after {args.steps} steps (batch {args.batch_size} x {args.seqlen} tokens, "
+        f"lr {args.lr:g}; KLD vs the teacher, {args.chunks} chunks of WikiText-2 test)",
+        ["student", "run", "KLD", "ppl", "top-1", "recovery", "tokens/s", "wall s"],
+        [
+            [
+                r["student"], r["run"],
+                f"{r['kld']:.4f}" if "kld" in r else "-",
+                f"{r['ppl']:.2f}" if "ppl" in r else "-",
+                f"{r['top1']:.1%}" if r.get("top1") is not None else "-",
+                f"{r['recovery']:.1%}" if "recovery" in r else "-",
+                f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
+                f"{r['wall_s']:.0f}" if r.get("wall_s") else "-",
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['run']}: {r['error']}")
+    print()
+    print_table(
+        f"training throughput, {args.throughput_steps} steps on the MLP student (top-k {args.top_k})",
+        ["teacher", "tokens/s", "wall s"],
+        [[k, f"{v['tokens_per_s']:.1f}", f"{v['wall_s']:.0f}"] for k, v in thr.items()],
+    )
+    print(f"cache speed-up: {gain:.2f}x")
+    path = write_results(
+        "distill",
+        rows,
+        {"throughput": thr, "cache_speedup": gain, "settings": vars(args) | {"work": str(work)}},
+    )
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
