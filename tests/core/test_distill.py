@@ -18,10 +18,12 @@ from tests.conftest import cli_in_process
 FAST = {"steps": 6, "batch_size": 4, "seqlen": 32, "lr": 3e-3, "warmup": 0, "save_every": 50}
 
 
-def distill(student: Path, teacher: Path, out: Path, resume: bool = False, on_step=None, **kw):
+def distill(
+    student: Path, teacher: Path, out: Path, resume: bool = False, on_step=None, force=False, **kw
+):
     cfg = DistillConfig(**{**FAST, **kw})
     job = DistillJob(DistillRequest(str(teacher), cfg, resume=resume, on_step=on_step))
-    return run_job(job, str(student), output=out, resume=resume)
+    return run_job(job, str(student), output=out, resume=resume, force=force)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -187,6 +189,7 @@ def test_teacher_cache_is_filled_once_and_reused(mlp_student, tiny_model, tmp_pa
     )
     again = distill(mlp_student, tiny_model, tmp_path / "b", top_k=16, teacher_cache=str(cache))
     assert again.report["teacher_cache"] == {"hits": 24, "misses": 0}
+    assert first.report["teacher_loaded"] and not again.report["teacher_loaded"]
     assert [h["loss"] for h in again.report["losses"]] == pytest.approx(
         [h["loss"] for h in first.report["losses"]], rel=1e-6
     )

@@ -103,8 +103,8 @@ def distill_cmd(
 
     The student keeps its architecture and config, so the output quantizes, exports
     and benches like any checkpoint. It runs on a laptop CPU and, unchanged, under
-    `accelerate launch` on several processes or GPUs (DDP; FSDP from an accelerate
-    config). See docs/distill.md.
+    `accelerate launch` on several processes or GPUs (data parallel). See
+    docs/distill.md.
 
     Example:
 
@@ -116,7 +116,7 @@ def distill_cmd(
 
         cllm distill smollm2-135m --teacher smollm2-135m --init layers:0-14 --dequantize
 
-        accelerate launch --num_processes 2 --cpu -m cllm distill "$student" --teacher smollm2-135m
+        accelerate launch --multi_gpu --num_processes 2 -m cllm distill "$student" -t smollm2-135m
 
         cllm distill "$student" -t smollm2-135m | cllm quantize - --method gptq --gguf-type Q4_0
     """

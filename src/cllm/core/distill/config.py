@@ -9,6 +9,7 @@ kept out of the identity for that reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,16 @@ class DistillConfig:
         def bad(what: str, hint: str = "") -> UsageError:
             return UsageError(what, hint)
 
+        for name, value in (
+            ("--beta", self.beta), ("--temperature", self.temperature), ("--alpha", self.alpha),
+            ("--hidden-weight", self.hidden_weight), ("--attn-weight", self.attn_weight),
+            ("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--min-lr", self.min_lr),
+            ("--clip", self.clip),
+        ):  # fmt: skip
+            if not math.isfinite(value):
+                raise bad(f"{name} {value} is not a finite number")
+        if self.weight_decay < 0 or self.clip < 0 or self.lora_alpha < 0:
+            raise bad("--weight-decay, --clip and --lora-alpha must not be negative")
         if self.loss not in DIVERGENCES:
             raise bad(f"--loss {self.loss} is not known", "Use fkl, rkl or jsd")
         if not 0.0 < self.beta < 1.0:
@@ -178,4 +189,4 @@ def parse_init(text: str | None) -> list[int] | None:
         if hi < lo:
             raise UsageError(f"--init {text!r}: range {part} runs backwards")
         out.extend(range(lo, hi + 1))
-    return out
+    return sorted(set(out)) if len(set(out)) == len(out) else out  # duplicates are refused later

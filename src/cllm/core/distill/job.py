@@ -31,12 +31,28 @@ class DistillRequest:
     on_step: Callable[[int, dict[str, float]], None] | None = None  # Python callers' hook
 
 
-def is_main_process() -> bool:
-    """Under `accelerate launch` only rank 0 writes and prints (before accelerate is set up,
-    the launcher's RANK variable says which process this is)."""
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _launcher_int(names: tuple[str, ...], default: int) -> int:
     import os
 
-    return os.environ.get("RANK", "0") in ("", "0")
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return default
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` (torchrun or MPI) only rank 0 writes and prints; before
+    accelerate is set up, the launcher's variables say which process this is."""
+    return _launcher_int(RANK_VARIABLES, 0) == 0
+
+
+def world_size() -> int:
+    return _launcher_int(SIZE_VARIABLES, 1)
 
 
 class DistillJob(Job):
@@ -48,6 +64,7 @@ class DistillJob(Job):
         self.teacher_source: Source | None = None
         self.data: Any = None
         self.params: dict[str, Any] = {}
+        self.held_out_chunks: list[Any] | None = None
 
     def validate(self) -> None:
         self.cfg.validate()
@@ -61,12 +78,20 @@ class DistillJob(Job):
         from cllm.core.distill.student import require_float_student
 
         cfg = self.cfg
+        if world_size() > 1 and "-" in (source.text, self.req.teacher):
+            raise UsageError(
+                "'-' (stdin) under a multi-process launch: every process would read it",
+                "Pass the checkpoint's path",
+            )
         student = require_checkpoint(source)
         require_float_student(student, cfg.dequantize)
         tsrc = resolve_input(self.req.teacher)
         teacher = require_checkpoint(tsrc)
         self.teacher_source = tsrc
         check_pair(student, teacher, source.text, tsrc.text)
+        preflight(cfg, student.config, teacher.config, world_size())
+        if cfg.eval_every:
+            self.held_out_chunks = held_out_chunks(student, cfg.eval_chunks)
         cfg.precision = resolve_precision(cfg.precision)  # provenance records what ran
         self.data = load_train_data(
             Path(cfg.data) if cfg.data else None, student.tokenizer_dir(), cfg.seqlen, cfg.seed,
@@ -117,6 +142,8 @@ class DistillJob(Job):
         tckpt = require_checkpoint(self.teacher_source)
         eager = cfg.attn_weight > 0
         student = build_student(ckpt, cfg, attn_eager=eager)
+        if tckpt.sha256 != ckpt.sha256:
+            student.layers_from = None  # built from another model's layers: no pairing by origin
         trainable, total = student.counts()
         events.log(
             f"distilling {source.text} ({total:,} parameters, {trainable:,} trained) from {self.teacher_source.text}"
@@ -126,20 +153,17 @@ class DistillJob(Job):
                 else ""
             )
         )
-        needs_teacher_model = cfg.alpha > 0 or cfg.hidden_loss or eager or cfg.eval_every
+        needs_teacher = cfg.alpha > 0 or cfg.hidden_loss or eager or cfg.eval_every
         teacher = None
-        if needs_teacher_model:
+        if needs_teacher:
             teacher = Teacher(
-                build_torch_model(tckpt, attn_implementation="eager" if eager else None),
+                lambda: build_torch_model(tckpt, attn_implementation="eager" if eager else None),
+                dict(tckpt.config),
                 cfg.teacher_dtype,
             )
         held_out = None
-        if cfg.eval_every:
-            from cllm.core.eval.data import load_tokens, make_chunks
-            from cllm.paths import default_eval_text
-
-            toks = load_tokens(default_eval_text(), ckpt.tokenizer_dir())
-            held_out = HeldOut(make_chunks(toks.ids, HELD_OUT_CTX, cfg.eval_chunks), HELD_OUT_CTX)
+        if self.held_out_chunks is not None:
+            held_out = HeldOut(self.held_out_chunks, HELD_OUT_CTX)
         cache = None
         if cfg.teacher_cache:
             cache = TopKCache(
@@ -150,6 +174,7 @@ class DistillJob(Job):
                     "seqlen": cfg.seqlen,
                     "top_k": cfg.top_k,
                     "temperature": cfg.temperature,
+                    "teacher_dtype": cfg.teacher_dtype,
                 },
             )
         folder = state_dir(paths[0])
@@ -178,6 +203,8 @@ class DistillJob(Job):
                     paths[0], student.config, plans, ckpt.tokenizer_dir(), provenance, ckpt.gguf_kv
                 )
             S.remove(folder)
+            if teacher is not None and not teacher.loaded:
+                events.log("the teacher was never loaded: every window came from the cache")
             final = report["final"]
             events.log(
                 f"done: {report['steps']} steps, loss {final.get('loss', float('nan')):.4f}, "
@@ -224,6 +251,58 @@ def _sibling_state(out: Path) -> Any:
     if not candidates:
         return None
     return max(candidates, key=lambda s: s.path.stat().st_mtime)
+
+
+def preflight(
+    cfg: DistillConfig, s_config: dict[str, Any], t_config: dict[str, Any], world: int
+) -> None:
+    """The refusals that need only the two configs, made before anything is loaded or
+    created (the training loop checks the same for Python callers)."""
+    from cllm.core.distill.loop import layer_pairs
+
+    if cfg.batch_size % world:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} does not split over {world} processes",
+            f"Use a multiple of {world}",
+        )
+    vocab = t_config.get("vocab_size")
+    if cfg.top_k and isinstance(vocab, int) and cfg.top_k > vocab:
+        raise UsageError(f"--top-k {cfg.top_k} is more than the vocabulary's {vocab} tokens")
+    n_student = (
+        len(cfg.init_layers)
+        if cfg.init_layers is not None
+        else int(s_config.get("num_hidden_layers", 0))
+    )
+    n_teacher = int(t_config.get("num_hidden_layers", 0))
+    if cfg.hidden_loss or cfg.attn_weight > 0:
+        layer_pairs(cfg, n_student, n_teacher, None)  # an explicit map out of range is refused
+    if cfg.attn_weight > 0:
+        s_heads, t_heads = s_config.get("num_attention_heads"), t_config.get("num_attention_heads")
+        if s_heads != t_heads:
+            raise UsageError(
+                f"--attn-weight needs the same head count (student {s_heads}, teacher {t_heads})",
+                "Drop --attn-weight for students with pruned heads",
+            )
+
+
+def held_out_chunks(student: Checkpoint, chunks: int) -> list[Any]:
+    """--eval-every's WikiText-2 test chunks, checked before any work."""
+    from cllm.core.eval.data import load_tokens, make_chunks
+    from cllm.paths import default_eval_text
+
+    path = default_eval_text()
+    if not path.is_file():
+        raise InputError(
+            f"--eval-every needs the WikiText-2 test text, not found at {path}",
+            "Set CLLM_DATA_DIR to the folder holding wikitext-2/wiki.test.raw, or drop --eval-every",
+        )
+    ids = load_tokens(path, student.tokenizer_dir()).ids
+    available = len(ids) // HELD_OUT_CTX
+    if chunks > available:
+        raise UsageError(
+            f"--eval-chunks {chunks} asks for more than the {available} chunks of {HELD_OUT_CTX} tokens in {path.name}"
+        )
+    return make_chunks(ids, HELD_OUT_CTX, chunks)
 
 
 def check_pair(student: Checkpoint, teacher: Checkpoint, s_name: str, t_name: str) -> None:

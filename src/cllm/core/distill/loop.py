@@ -23,7 +23,7 @@ from cllm.core.distill import state as S
 from cllm.core.distill.config import DistillConfig, parse_layer_map
 from cllm.core.distill.data import TrainData
 from cllm.core.distill.student import Student, apply_masks
-from cllm.core.distill.teacher import Teacher, TopKCache, describe_difference
+from cllm.core.distill.teacher import LayerTap, Teacher, TopKCache, describe_difference
 from cllm.core.job import Events, Silent
 from cllm.errors import UsageError
 
@@ -46,25 +46,31 @@ class HeldOut:
 
 class Trainee(torch.nn.Module):
     """The student plus the projections its hidden states need to reach the teacher's
-    width: one module, so that accelerate wraps (and synchronises) both."""
+    width: one module, so that accelerate wraps (and synchronises) both. The matched
+    layers' outputs come from forward hooks (`LayerTap`), as on the teacher's side."""
 
-    def __init__(self, student: Any, projections: torch.nn.ModuleDict) -> None:
+    def __init__(
+        self,
+        student: Any,
+        projections: torch.nn.ModuleDict,
+        tap: LayerTap | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.projections = projections
+        self.tap = tap
 
     def forward(
         self, ids: torch.Tensor, pairs: list[tuple[int, int]], attentions: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
-        out = self.student(
-            input_ids=ids, use_cache=False, output_hidden_states=bool(pairs),
-            output_attentions=attentions,
-        )  # fmt: skip
+        out = self.student(input_ids=ids, use_cache=False, output_attentions=attentions)
         hidden = []
-        for s, _t in pairs:
-            h = out.hidden_states[s + 1]
-            key = str(s)
-            hidden.append(self.projections[key](h) if key in self.projections else h)
+        if pairs:
+            assert self.tap is not None
+            for s, _t in pairs:
+                h = self.tap.outputs[s]
+                key = str(s)
+                hidden.append(self.projections[key](h) if key in self.projections else h)
         return out.logits, hidden, out.attentions if attentions else None
 
 
@@ -82,7 +88,7 @@ def layer_pairs(
                     f"--layer-map pair {s}:{t} is outside the student's {n_student} or the teacher's {n_teacher} layers"
                 )
         return pairs
-    if layers_from is not None:
+    if layers_from is not None and all(t < n_teacher for t in layers_from):
         return list(enumerate(layers_from))
     if n_student == n_teacher:
         return [(i, i) for i in range(n_student)]
@@ -155,6 +161,7 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
     acc = Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available()
     )
+    _refuse_sharding(acc)
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:
         raise UsageError(
@@ -166,12 +173,15 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
 
     n_student = int(student.base.config.num_hidden_layers)
     teacher = setup.teacher
-    n_teacher = int(teacher.model.config.num_hidden_layers) if teacher is not None else n_student
+    if teacher is not None:
+        teacher.device = acc.device
+    student.masks = {k: m.to(acc.device) for k, m in student.masks.items()}
+    n_teacher = int(teacher.config["num_hidden_layers"]) if teacher is not None else n_student
     pairs = layer_pairs(cfg, n_student, n_teacher, student.layers_from) if cfg.hidden_loss else []
     projections = torch.nn.ModuleDict()
     if pairs and teacher is not None:
         s_width = int(student.base.config.hidden_size)
-        t_width = int(teacher.model.config.hidden_size)
+        t_width = int(teacher.config["hidden_size"])
         if s_width != t_width:
             gen = torch.Generator().manual_seed(cfg.seed)
             for s, _t in pairs:
@@ -184,14 +194,15 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
     attentions = cfg.attn_weight > 0
     if attentions and teacher is not None:
         s_heads = int(student.base.config.num_attention_heads)
-        t_heads = int(teacher.model.config.num_attention_heads)
+        t_heads = int(teacher.config["num_attention_heads"])
         if s_heads != t_heads:
             raise UsageError(
                 f"--attn-weight needs the same head count (student {s_heads}, teacher {t_heads})",
                 "Drop --attn-weight for students with pruned heads",
             )
     att_pairs = layer_pairs(cfg, n_student, n_teacher, student.layers_from) if attentions else []
-    trainee = Trainee(student.model, projections)
+    tap = LayerTap(student.base, student.config, [s for s, _t in pairs]) if pairs else None
+    trainee = Trainee(student.model, projections, tap)
     trainable = {n: p for n, p in trainee.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
         list(trainable.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
@@ -309,8 +320,10 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
                 acc.wait_for_everyone()
             if setup.on_step is not None:
                 setup.on_step(done, reduced)
-    if cfg.eval_every and (not evals or evals[-1]["step"] != cfg.steps):
+    if cfg.eval_every and cfg.steps % cfg.eval_every:  # the same decision on every rank
         evaluate_now(cfg.steps)
+    if tap is not None:
+        tap.close()
     steady = timings[1:] if len(timings) > 1 else timings
     report: dict[str, Any] = {
         "steps": cfg.steps,
@@ -326,10 +339,23 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
     }
     if setup.cache is not None:
         report["teacher_cache"] = {"hits": setup.cache.hits, "misses": setup.cache.misses}
+        report["teacher_loaded"] = teacher is not None and teacher.loaded
     acc.wait_for_everyone()
     student.model = acc.unwrap_model(model).student
     acc.free_memory()
     return report
+
+
+def _refuse_sharding(acc: Any) -> None:
+    """Data parallel only: the loop saves, evaluates and resumes from full, unsharded
+    weights on rank 0, which FSDP and DeepSpeed do not keep."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UsageError(
+            f"cllm distill does not run under {acc.distributed_type.value} yet",
+            "Use data parallel: accelerate launch --multi_gpu (DDP)",
+        )
 
 
 def _forget_accelerator_settings() -> None:
@@ -372,7 +398,12 @@ def _micro_loss(
         if cache is not None:
             t_out = cache.get(windows, ids, teacher, cfg.temperature)
         elif teacher is not None:
-            t_out = teacher(ids, hidden=bool(pairs), attentions=attentions)
+            t_out = teacher(ids, layers=[t for _s, t in pairs], attentions=attentions)
+            if cfg.top_k and t_out.logits is not None:
+                # the loss a cache of the same k gives, rounded as the cache stores it
+                values, idx = L.teacher_topk(t_out.logits, cfg.top_k, cfg.temperature)
+                t_out.top_logp, t_out.top_ids = values.half().float(), idx
+                t_out.logits = None
     logits, hidden, s_att = model(ids, pairs, attentions)
     parts: dict[str, torch.Tensor] = {}
     ce_grad = cfg.alpha < 1.0
@@ -393,7 +424,7 @@ def _micro_loss(
     if pairs and t_out is not None and t_out.hidden is not None:
         hid = torch.stack(
             [
-                L.hidden_loss(str(cfg.hidden_loss), h, t_out.hidden[t + 1])
+                L.hidden_loss(str(cfg.hidden_loss), h, t_out.hidden[t])
                 for h, (_s, t) in zip(hidden, pairs, strict=True)
             ]
         ).mean()

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("fkl", "rkl", "jsd")
+_LOG_FLOOR = math.log(1e-30)
 HIDDEN_LOSSES = ("mse", "cosine")
 
 
@@ -80,10 +81,14 @@ def coarsen_student(
     student_logits: torch.Tensor, indices: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """The student's log-probabilities of the k stored tokens and of the tail bucket
-    ([..., k + 1]), at the temperature."""
+    ([..., k + 1]), at the temperature. The tail is a log-sum-exp over the other tokens
+    rather than log(1 - mass): exact however small it is, and its gradient never vanishes."""
     logq = F.log_softmax(student_logits.float() / float(temperature), dim=-1)
-    top = logq.gather(-1, indices.long())
-    return torch.cat([top, _log_rest(top).unsqueeze(-1)], dim=-1)
+    idx = indices.long()
+    top = logq.gather(-1, idx)
+    rest = logq.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    # k = vocabulary leaves no tail: a finite floor keeps 0 x log 0 from becoming inf
+    return torch.cat([top, rest.clamp(min=_LOG_FLOOR)], dim=-1)
 
 
 def coarsen_teacher(top_logp: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Sparsity: the zeros of a pruned student are a mask that every optimizer step keeps (the
 gradient and the weight are multiplied by it), so Wanda's or SparseGPT's pattern survives
 distillation, unless the user asks otherwise. Which matrices are pruned comes from the
-provenance chain (a magnitude, Wanda or SparseGPT step: every matrix with zeros); without
-provenance, a matrix counts as pruned from 20% exact zeros up. Zeros alone are not
+provenance chain (a magnitude, Wanda or SparseGPT step: a decoder-layer matrix with 1% or
+more exact zeros); without provenance, from 20% exact zeros up. Zeros alone are not
 enough: a dequantized 4-bit model has a few percent of exact zeros in every matrix
 (the grid's zero point), and freezing those would be a silent, arbitrary constraint. LoRA adapters come from peft and are merged into the weights before
 saving (and the mask re-applied to the merged weight), so the saved student is a plain
@@ -26,6 +26,7 @@ from cllm.formats.checkpoint import Checkpoint
 from cllm.formats.safetensors_io import PlannedTensor
 
 SPARSE_FRACTION = 0.20  # without provenance: this share of exact zeros marks a matrix pruned
+PRUNED_FRACTION = 0.01  # with a pruning step in the provenance
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -96,10 +97,17 @@ def build_student(ckpt: Checkpoint, cfg: DistillConfig, attn_eager: bool = False
     model.config.use_cache = False
     student = Student(model, config, names, layers_from=layers_from)
     if cfg.keep_sparsity:
-        student.masks = find_masks(model, pruned_by_provenance(ckpt.provenance))
+        student.masks = find_masks(model, config, pruned_by_provenance(ckpt.provenance))
     _freeze(student, cfg.freeze)
     if cfg.lora_rank:
-        _add_lora(student, cfg)
+        if student.masks:
+            raise UsageError(
+                f"--lora-rank on a pruned student: the merged adapters would fill the zeros of {len(student.masks)} matrices",
+                "Train it fully (drop --lora-rank), or add --no-keep-sparsity to let them fill",
+            )
+        with torch.random.fork_rng():  # peft draws the adapters' start from the global RNG
+            torch.manual_seed(cfg.seed)
+            _add_lora(student, cfg)
     return student
 
 
@@ -117,14 +125,18 @@ def pruned_by_provenance(prov: dict[str, Any] | None) -> bool | None:
     )
 
 
-def find_masks(model: Any, pruned: bool | None) -> dict[str, torch.Tensor]:
-    """Keep-masks of the 2-D weights that arrive pruned (see the module)."""
+def find_masks(model: Any, config: dict[str, Any], pruned: bool | None) -> dict[str, torch.Tensor]:
+    """Keep-masks of the decoder layers' weight matrices that arrive pruned (see the
+    module); embeddings and the head are never pruned, so never masked."""
+    from cllm.formats.arch import layers_for_config
+
     if pruned is False:
         return {}
-    least = 1e-9 if pruned else SPARSE_FRACTION
+    prefix = layers_for_config(config).layer_prefix
+    least = PRUNED_FRACTION if pruned else SPARSE_FRACTION
     masks = {}
     for name, p in model.named_parameters():
-        if p.dim() != 2:
+        if p.dim() != 2 or not name.startswith(prefix):
             continue
         zeros = p.detach() == 0
         if float(zeros.float().mean()) >= least:

@@ -1,7 +1,7 @@
 """The teacher's side of the loss: passes on the fly, or a top-k cache on disk.
 
-On the fly the teacher runs in eval mode under `torch.inference_mode` for every batch
-(optionally with bf16 weights). With `--teacher-cache DIR --top-k K` each training window's
+On the fly the teacher runs in eval mode without gradients for every batch (optionally
+with bf16 weights). With `--teacher-cache DIR --top-k K` each training window's
 teacher log-probabilities (at the run's temperature) are reduced to their K largest values
 and token ids and written once, one small file per window; any later step, epoch or run
 that visits the window reads it instead of running the teacher. The cache folder records
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,37 +32,89 @@ class TeacherOutput:
     logits: torch.Tensor | None  # [B, L, V] float32 (on the fly)
     top_logp: torch.Tensor | None  # [B, L, K] (cached)
     top_ids: torch.Tensor | None  # [B, L, K] int64
-    hidden: tuple[torch.Tensor, ...] | None = None
+    hidden: dict[int, torch.Tensor] | None = None  # decoder layer -> its raw output
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class Teacher:
-    """A frozen model: logits, and hidden states / attentions when the losses ask."""
+    """A frozen model: logits, and hidden states / attentions when the losses ask.
 
-    def __init__(self, model: Any, dtype: str = "fp32") -> None:
-        self.model = model
-        if dtype == "bf16":
-            self.model.to(torch.bfloat16)
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    It is built on first use: a run whose every window is in the teacher cache (and that
+    does not evaluate) never reads the teacher's weights at all."""
+
+    def __init__(
+        self, build: Callable[[], Any], config: dict[str, Any], dtype: str = "fp32"
+    ) -> None:
+        self._build = build
+        self._model: Any = None
+        self.config = config  # the checkpoint's config.json: depth, width and heads
+        self.dtype = dtype
+        self.device: Any = None  # set by the loop (accelerate's device) before first use
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            model = self._build()
+            if self.dtype == "bf16":
+                model.to(torch.bfloat16)
+            if self.device is not None:
+                model.to(self.device)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._model = model
+        return self._model
 
     def __call__(
-        self, ids: torch.Tensor, hidden: bool = False, attentions: bool = False
+        self, ids: torch.Tensor, layers: list[int] | None = None, attentions: bool = False
     ) -> TeacherOutput:
         # no_grad rather than inference_mode: the outputs enter the student's loss, which
         # autograd refuses for inference tensors unless they are copied first
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids,
-                use_cache=False,
-                output_hidden_states=hidden,
-                output_attentions=attentions,
-            )
+        with torch.no_grad(), LayerTap(self.model, self.config, layers or []) as tap:
+            out = self.model(input_ids=ids, use_cache=False, output_attentions=attentions)
         logits = out.logits.float()
-        hs = tuple(h.float() for h in out.hidden_states) if hidden else None
+        hidden = {i: h.float() for i, h in tap.outputs.items()} if layers else None
         att = tuple(a.float() for a in out.attentions) if attentions else None
-        return TeacherOutput(logits, None, None, hs, att)
+        return TeacherOutput(logits, None, None, hidden, att)
+
+
+class LayerTap:
+    """Forward hooks on some decoder layers, keeping each one's output: the residual stream
+    as the layer hands it on. transformers' `output_hidden_states` replaces the last
+    layer's output with the final norm's, so a pair with one side at a model's last layer
+    would compare a normalised state with a raw one; hooks see the same thing everywhere."""
+
+    def __init__(self, model: Any, config: dict[str, Any], layers: list[int]) -> None:
+        from cllm.formats.arch import layers_for_config
+
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = []
+        if layers:
+            prefix = layers_for_config(config).layer_prefix.rstrip(".")
+            stack = model.get_submodule(prefix)
+            for i in layers:
+                self._handles.append(stack[i].register_forward_hook(self._keep(i)))
+
+    def _keep(self, i: int) -> Callable[..., None]:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            self.outputs[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def __enter__(self) -> LayerTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class TopKCache:
@@ -97,7 +150,8 @@ class TopKCache:
                     "Pass another folder, or delete this one to rebuild it",
                 )
             return
-        if self.folder.is_dir() and any(self.folder.iterdir()):
+        # another process of the same run may be writing its copy of the key (a dot file)
+        if self.folder.is_dir() and any(not f.name.startswith(".") for f in self.folder.iterdir()):
             raise InputError(
                 f"--teacher-cache {self.folder} is a folder cllm did not write (no {KEY_FILE})",
                 "Pass an empty or new folder",
@@ -138,8 +192,8 @@ class TopKCache:
             assert out.logits is not None
             v, i = teacher_topk(out.logits, self.k, temperature)
             for row, j in enumerate(missing):
-                vj = v[row].to(torch.float16).numpy()
-                ij = i[row].to(torch.int32).numpy()
+                vj = v[row].to(torch.float16).cpu().numpy()
+                ij = i[row].to(torch.int32).cpu().numpy()
                 self._write(windows[j], vj, ij)
                 values[j], indices[j] = vj, ij
         top = torch.from_numpy(np.stack([np.asarray(x) for x in values])).float()

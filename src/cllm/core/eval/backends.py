@@ -129,8 +129,8 @@ class TorchBackend:
 
         with torch.inference_mode():
             ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
-            out = self.model(input_ids=ids, use_cache=False).logits[0]
-        return out.float().numpy()
+            out = self.model(input_ids=ids.to(self.model.device), use_cache=False).logits[0]
+        return out.float().cpu().numpy()
 
     def close(self) -> None:
         self.model = None
