@@ -266,6 +266,7 @@ def test_dry_run_and_reuse_print_the_same_path(mlp_student, tiny_model, tmp_path
     assert "up to date" in second.stderr
 
 
+@pytest.mark.slow  # two launched processes (about 30 s); CI runs the slow tests
 def test_two_process_accelerate_run_matches_one_process(mlp_student, tiny_model, tmp_path):
     """DDP over two CPU processes (gloo) with the same global batch gives the student one
     process gives. accelerate's `--cpu` launcher needs MPI for several processes; its

@@ -74,6 +74,7 @@ def test_hidden_states_are_layer_outputs_on_both_sides(tiny_model, tmp_path):
     assert res.report["losses"][0]["hidden"] == pytest.approx(0.0, abs=1e-10)
 
 
+@pytest.mark.slow  # three training runs; CI runs the slow tests
 def test_top_k_on_the_fly_trains_what_the_cache_trains(student, tiny_model, tmp_path):
     cached = distill(
         student, tiny_model, tmp_path / "c", steps=3, top_k=8, teacher_cache=str(tmp_path / "k")
@@ -85,6 +86,7 @@ def test_top_k_on_the_fly_trains_what_the_cache_trains(student, tiny_model, tmp_
     assert [h["kd"] for h in full.report["losses"]] != pytest.approx(a, rel=1e-3)
 
 
+@pytest.mark.slow  # three training runs; CI runs the slow tests
 def test_lora_is_seeded_and_refused_on_a_pruned_student(tiny_model, tmp_path):
     one = distill(tiny_model, tiny_model, tmp_path / "a", steps=2, lora_rank=2, alpha=0.5)
     two = distill(

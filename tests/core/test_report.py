@@ -100,6 +100,15 @@ EVALS = [
 # -- Pareto frontier -----------------------------------------------------------------------
 
 
+def test_sizes_a_provenance_text_apart_count_as_equal() -> None:
+    # RTN and GPTQ files of one bit width: the RTN one is a few hundred bytes smaller
+    # (shorter provenance) and far worse; it is not on the frontier for that
+    pts: list[tuple[float, float] | None] = [(159.9001, 0.613), (159.8998, 2.10), (173.2, 0.187)]
+    assert frontier(pts) == [0, 2]
+    # a real size difference still counts
+    assert frontier([(150.0, 2.10), (159.9, 0.613)]) == [0, 1]
+
+
 def test_frontier_on_hand_made_points() -> None:
     pts: list[tuple[float, float] | None] = [
         (1, 5), (2, 3), (3, 4), (4, 1), (2, 3), (5, 1), None, (math.nan, 0.0), (6, 0.5),

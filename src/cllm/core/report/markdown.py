@@ -147,7 +147,7 @@ def how_to_read(page: Page) -> str:
     if page.marked_by:
         text += (
             f"{STAR} marks the Pareto-optimal rows for {page.marked_by}: no other row is at "
-            "least as good on both and better on one. "
+            "least as good on both and better on one (sizes within 0.1% count as equal). "
         )
     text += (
         f"KLD is the mean KL divergence of each model's next-token distribution from the "

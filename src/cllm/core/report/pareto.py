@@ -7,7 +7,10 @@ every step except seeds) on the same backend and evaluation protocol form one gr
 value is the mean over the group and its error bar the min-max range across seeds.
 
 A point is Pareto-optimal when no other point is at least as good on both axes and strictly
-better on one; points with equal coordinates do not dominate each other.
+better on one; points with equal coordinates do not dominate each other. On the x axis
+(size, speed) values within 0.1% of each other count as equal: files of one bit width from
+different methods differ only by the length of their provenance text, a few hundred bytes,
+and that must not make a far worse model "optimal" by being smaller.
 """
 
 from __future__ import annotations
@@ -242,10 +245,23 @@ def frontier(
     ]
     out = []
     for i, x, y in pts:
-        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, x2, y2 in pts if j != i)
+        dominated = any(
+            _at_most(x2, x) and y2 <= y and (_below(x2, x) or y2 < y) for j, x2, y2 in pts if j != i
+        )
         if not dominated:
             out.append(i)
     return sorted(out, key=lambda i: (points[i][0], points[i][1]))  # type: ignore[index]
+
+
+X_RTOL = 1e-3  # x values this close (relative) are equal for dominance
+
+
+def _at_most(a: float, b: float) -> bool:
+    return a <= b + X_RTOL * max(abs(a), abs(b))
+
+
+def _below(a: float, b: float) -> bool:
+    return a < b - X_RTOL * max(abs(a), abs(b))
 
 
 def staircase(
