@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cllm.core.distill.config import DistillConfig
-from cllm.core.prune.structured import FLOAT_STORAGE, TORCH_DTYPES, out_dtype
+from cllm.core.prune.structured import TORCH_DTYPES, out_dtype
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 from cllm.formats.safetensors_io import PlannedTensor
@@ -53,9 +53,9 @@ class Student:
 def require_float_student(ckpt: Checkpoint, dequantize: bool) -> None:
     """A packed-quantized student cannot take gradient steps; training its dequantized copy
     silently writes a float model many times its size."""
-    quantized = sorted(
-        {i.dtype for i in ckpt.tensor_infos().values() if i.dtype not in FLOAT_STORAGE}
-    )
+    from cllm.core.quantize.job import stored_types
+
+    quantized = stored_types(ckpt)
     if quantized and not dequantize:
         raise UsageError(
             f"the student {ckpt.display_name} is quantized ({', '.join(quantized)}); distillation trains float weights",
