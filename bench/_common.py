@@ -115,3 +115,16 @@ def size_of(path: str) -> int:
         if p.is_dir()
         else p.stat().st_size
     )
+
+
+def quality_vs_base(path: str, chunks: int) -> dict[str, Any]:
+    """`cllm eval PATH --kld-base smollm2-135m` on `chunks` chunks: KLD, perplexity, top-1."""
+    out, _ = cllm("eval", path, "--chunks", str(chunks), "--kld-base", "smollm2-135m",
+                  "--threads", "2", "--json")  # fmt: skip
+    rec = json.loads(out)
+    ppl = rec["perplexity"]
+    return {
+        "kld": rec["kld"]["mean"],
+        "perplexity": ppl["value"] if isinstance(ppl, dict) else ppl,
+        "top1": rec["kld"].get("top1_agreement"),
+    }

@@ -31,23 +31,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cllm, print_table, write_results  # noqa: E402
+from _common import cllm, print_table, quality_vs_base, write_results  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers"
 PEER_PYTHON = PEERS / "trl" / ".venv" / "bin" / "python"
 PEER_RUNNER = PEERS / "trl_distill.py"
 
 
-def quality(path: str, chunks: int) -> dict[str, float]:
-    out, _ = cllm("eval", path, "--chunks", str(chunks), "--kld-base", "smollm2-135m",
-                  "--threads", "2", "--json")  # fmt: skip
-    rec = json.loads(out)
-    ppl = rec["perplexity"]
-    return {
-        "kld": rec["kld"]["mean"],
-        "ppl": ppl["value"] if isinstance(ppl, dict) else ppl,
-        "top1": rec["kld"].get("top1_agreement"),
-    }
+def quality(path: str, chunks: int) -> dict[str, Any]:
+    q = quality_vs_base(path, chunks)
+    return {"kld": q["kld"], "ppl": q["perplexity"], "top1": q["top1"]}
 
 
 def result_of(folder: str) -> dict[str, Any]:

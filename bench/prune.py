@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cllm, print_table, size_of, stats, write_results  # noqa: E402
+from _common import cllm, print_table, quality_vs_base, size_of, stats, write_results  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers"
 PEER_PYTHON = PEERS / "llmcompressor" / ".venv" / "bin" / "python"
@@ -36,11 +36,8 @@ PEER_RUNNER = PEERS / "llmcompressor_prune.py"
 
 
 def kld_of(path: str, chunks: int) -> dict[str, Any]:
-    out, _ = cllm("eval", path, "--chunks", str(chunks), "--kld-base", "smollm2-135m",
-                  "--threads", "2", "--json")  # fmt: skip
-    res = json.loads(out)
-    return {"kld": res["kld"]["mean"], "perplexity": res["perplexity"]["value"]
-            if isinstance(res["perplexity"], dict) else res["perplexity"]}  # fmt: skip
+    q = quality_vs_base(path, chunks)
+    return {"kld": q["kld"], "perplexity": q["perplexity"]}
 
 
 def params_of(path: str) -> int:
