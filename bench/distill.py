@@ -15,6 +15,8 @@ teacher passes; against TRL's GKD trainer (same student, teacher, data, steps, b
 recovery and tokens/s >= TRL's, or TRL's exact error.
 
     python bench/distill.py                       # everything (about 2 hours on 2 cores)
+    python bench/distill.py --skip-throughput     # the recovery table alone
+    python bench/distill.py --throughput-only     # the throughput table alone
     python bench/distill.py --steps 30 --skip-peer --work /tmp/d   # a quick look
 """
 
@@ -83,6 +85,8 @@ def peer(
     except (OSError, ValueError):
         rec = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
     rec["wall_s"] = wall
+    # the median step after the first, as cllm's own rate is taken
+    rec["tokens_per_s"] = rec.get("tokens_per_second_median_step")
     return rec
 
 
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-depth", action="store_true")
     ap.add_argument("--throughput-only", action="store_true", help="skip the recovery runs")
+    ap.add_argument("--skip-throughput", action="store_true", help="the recovery runs alone")
     ap.add_argument("--work", type=Path, default=None, help="keep the models here")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cllm-distill-bench-"))
@@ -113,36 +118,47 @@ def main() -> None:
     if not args.skip_depth:
         students["depth4"] = ["--drop-layers", "4", "--layer-metric", "block-influence"]
     rows: list[dict[str, Any]] = []
+    name = "distill-throughput" if args.throughput_only else "distill"
+    name += "-recovery" if args.skip_throughput else ""
+    settings = vars(args) | {"work": str(work)}
+
+    def keep(row: dict[str, Any]) -> None:
+        """Each finished row is written at once: a run cut short still leaves its figures."""
+        rows.append(row)
+        write_results(name, rows, {"partial": True, "settings": settings})
+
     if args.throughput_only:
         students = {}
         cllm("prune", "smollm2-135m", "--structured", "mlp", "--ratio", "0.25", "--dequantize",
              "-o", str(work / "mlp25"))  # fmt: skip
-    for name, flags in students.items():
-        path, wall = cllm("prune", "smollm2-135m", *flags, "--dequantize", "-o", str(work / name))
+    for student, flags in students.items():
+        path, wall = cllm(
+            "prune", "smollm2-135m", *flags, "--dequantize", "-o", str(work / student)
+        )
         before = quality(path, args.chunks)
-        rows.append({"student": name, "run": "pruned", "steps": 0, **before, "wall_s": wall})
-        print(f"{name}: pruned, KLD {before['kld']:.4f}", file=sys.stderr)
+        keep({"student": student, "run": "pruned", "steps": 0, **before, "wall_s": wall})
+        print(f"{student}: pruned, KLD {before['kld']:.4f}", file=sys.stderr)
         runs = [("distill fkl", [])]
-        if name == "mlp25":
+        if student == "mlp25":
             runs.append(("cross-entropy", ["--alpha", "0"]))
         for label, extra in runs:
-            out = work / f"{name}-{label.split()[0]}"
+            out = work / f"{student}-{label.split()[0]}"
             r = distill(path, out, args, *extra)
             q = quality(str(out), args.chunks)
-            rows.append({
-                "student": name, "run": f"cllm {label}", "steps": args.steps, **q, **r,
+            keep({
+                "student": student, "run": f"cllm {label}", "steps": args.steps, **q, **r,
                 "recovery": 1 - q["kld"] / before["kld"],
             })  # fmt: skip
-            print(f"{name}: {label}, KLD {q['kld']:.4f}", file=sys.stderr)
-        if name == "mlp25" and not args.skip_peer:
-            out = work / f"{name}-trl"
+            print(f"{student}: {label}, KLD {q['kld']:.4f}", file=sys.stderr)
+        if student == "mlp25" and not args.skip_peer:
+            out = work / f"{student}-trl"
             rec = peer(path, teacher_hf, data, out, args)
-            row = {"student": name, "run": "TRL GKD", "steps": args.steps, **rec}
+            row = {"student": student, "run": "TRL GKD", "steps": args.steps, **rec}
             if not rec.get("error"):
                 q = quality(str(out), args.chunks)
                 row.update(q)
                 row["recovery"] = 1 - q["kld"] / before["kld"]
-            rows.append(row)
+            keep(row)
 
     # throughput: the same short run with the teacher on the fly and from the cache, with the
     # same top-k loss (so the difference is the teacher's forward pass alone), for full
@@ -151,7 +167,8 @@ def main() -> None:
     mlp = str(work / "mlp25")
     topk = ["--top-k", str(args.top_k)]
     thr: dict[str, dict[str, Any]] = {}
-    for mode, extra in (("full", []), ("LoRA r16", ["--lora-rank", "16"])):
+    modes = () if args.skip_throughput else ("full", "LoRA r16")
+    for mode, extra in ((m, ["--lora-rank", "16"] if m.startswith("LoRA") else []) for m in modes):
         cache = work / f"teacher-cache-{len(thr)}"
         shutil.rmtree(cache, ignore_errors=True)
         runs = (
@@ -166,22 +183,21 @@ def main() -> None:
     speed = {label: r["tokens_per_s"] for label, r in thr.items()}
     gains = {
         mode: speed[f"{mode}: top-k, from the cache"] / speed[f"{mode}: top-k, on the fly"]
-        for mode in ("full", "LoRA r16")
+        for mode in modes
     }
 
     if rows:
         _recovery_table(rows, args)
-    print_table(
-        f"training throughput, {args.throughput_steps} steps on the MLP student (batch {args.batch_size} x {args.seqlen} tokens, top-k {args.top_k})",
-        ["teacher", "tokens/s", "wall s"],
-        [[k, f"{v['tokens_per_s']:.1f}", f"{v['wall_s']:.0f}"] for k, v in thr.items()],
-    )
+    if thr:
+        print_table(
+            f"training throughput, {args.throughput_steps} steps on the MLP student (batch {args.batch_size} x {args.seqlen} tokens, top-k {args.top_k})",
+            ["teacher", "tokens/s", "wall s"],
+            [[k, f"{v['tokens_per_s']:.1f}", f"{v['wall_s']:.0f}"] for k, v in thr.items()],
+        )
     for mode, g in gains.items():
         print(f"cache speed-up ({mode} training): {g:.2f}x")
     path = write_results(
-        "distill",
-        rows,
-        {"throughput": thr, "cache_speedup": gains, "settings": vars(args) | {"work": str(work)}},
+        name, rows, {"throughput": thr, "cache_speedup": gains, "settings": settings}
     )
     print(f"wrote {path}", file=sys.stderr)
 

@@ -64,6 +64,21 @@ def calib(tiny_model: Path, tiny_text: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with rows of 256, so llama.cpp's K and IQ types apply instead of falling
+    back to legacy types."""
+    from cllm.testing.tiny import save_tiny_llama
+
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("wide") / "wide",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_ggufs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model exported to F32, Q8_0 and Q4_0 GGUFs (with export provenance)."""
     from cllm.formats.checkpoint import open_checkpoint

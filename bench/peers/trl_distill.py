@@ -46,6 +46,8 @@ redirected to stderr for the whole run).
 
 RESULT.json: versions, trainer class and config, steps/batch/seqlen, `train_seconds` (wall
 time of `trainer.train()` alone), `tokens_per_second` = steps*batch*seqlen / train_seconds,
+`tokens_per_second_median_step` (batch*seqlen over the median optimizer step after the first,
+the way cllm reports its rate),
 `final_loss` (loss of the last step), per-step losses, and `error` (null, or exception type
 and message plus `traceback` tail; exit code 1).
 """
@@ -278,6 +280,17 @@ def run(a: argparse.Namespace, result: dict) -> None:
 
     losses: list[dict] = []
 
+    step_seconds = []
+
+    class StepTimer(TrainerCallback):
+        """Per optimizer step, as cllm times its steps: the median step is comparable."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_seconds.append(time.perf_counter() - self.t0)
+
     class StderrLog(TrainerCallback):
         def __init__(self):
             self.t = None
@@ -310,7 +323,7 @@ def run(a: argparse.Namespace, result: dict) -> None:
         data_collator=WindowCollator(),
         train_dataset=ds,
         processing_class=tok,
-        callbacks=[StderrLog()],
+        callbacks=[StepTimer(), StderrLog()],
     )
     result["trainer"] = f"{type(trainer).__module__}.{type(trainer).__qualname__}"
     result["config"] = {
@@ -360,6 +373,10 @@ def run(a: argparse.Namespace, result: dict) -> None:
     tokens = a.steps * a.batch_size * a.seqlen
     result["train_tokens"] = tokens
     result["tokens_per_second"] = round(tokens / result["train_seconds"], 2)
+    steady = sorted(step_seconds[1:] or step_seconds)
+    if steady:  # the median step after the first, as cllm reports its own rate
+        median = steady[len(steady) // 2]
+        result["tokens_per_second_median_step"] = round(a.batch_size * a.seqlen / median, 2)
     result["final_loss"] = losses[-1]["loss"] if losses else None
     result["mean_loss"] = float(out.training_loss)
     result["losses"] = losses

@@ -19,20 +19,6 @@ FTYPE = {"Q6_K": "Q6_K", "Q4_K": "Q4_K_M", "Q3_K": "Q3_K_M", "Q2_K": "Q2_K", "IQ
 
 
 @pytest.fixture(scope="module")
-def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Rows of 256 so llama.cpp's K-quants apply instead of falling back."""
-    from cllm.testing.tiny import save_tiny_llama
-
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("wide") / "wide",
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-
-
-@pytest.fixture(scope="module")
 def f32_gguf(wide_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wide-gguf") / "wide.F32.gguf"
     save_gguf(out, open_checkpoint(wide_model), "F32", make_provenance("t", {}, None, None))

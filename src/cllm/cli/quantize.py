@@ -63,7 +63,9 @@ def quantize_cmd(
     gguf_type: str = typer.Option(
         None,
         "--gguf-type",
-        help="GGUF type: any llama.cpp type (Q8_0 ... Q2_K, K-quants, IQ4_NL...); GPTQ and AWQ target Q4_0/Q4_1/Q5_0/Q5_1/Q8_0.",
+        help="GGUF type: any llama.cpp type (Q8_0 ... Q2_K, K-quants, IQ types); GPTQ targets "
+        "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K mixes (Q2_K ... Q6_K, with llama.cpp's per-tensor "
+        "types), AWQ the legacy types.",
     ),
     fake: bool = typer.Option(
         False, "--fake", help="Write dense dequantized weights instead of packed integers."
@@ -127,6 +129,18 @@ def quantize_cmd(
         "--target-size",
         help="Mixed precision: file size budget, e.g. 100MB or 104857600 (GGUF output).",
     ),
+    imatrix: str = typer.Option(
+        None,
+        "--imatrix",
+        help="Importance matrix for llama.cpp's quantizer: auto (from the calibration text) "
+        "or a llama.cpp imatrix file (.gguf or .dat).",
+    ),
+    imatrix_out: Path = typer.Option(
+        None,
+        "--imatrix-out",
+        help="Write the importance matrix computed from the calibration text (.gguf, or .dat "
+        "for llama.cpp's legacy format); without --gguf-type, only the matrix is written.",
+    ),
     output: Path = output_option("<stem>.quantize-<hash>[.gguf]"),
     force: bool = FORCE_OPTION,
     dry_run: bool = DRY_RUN_OPTION,
@@ -150,13 +164,19 @@ def quantize_cmd(
 
         cllm quantize smollm2-135m --to gguf --gguf-type Q4_K_M
 
+        cllm quantize smollm2-135m --gguf-type IQ4_XS --imatrix auto
+
+        cllm quantize smollm2-135m --method gptq --gguf-type Q4_K_M
+
+        cllm quantize smollm2-135m --imatrix-out smollm2.imatrix.gguf
+
         cllm quantize smollm2-135m --method gptq --gguf-type Q4_0 | cllm eval - -b llama.cpp --kld-base smollm2-135m
     """
     _quantize(
         checkpoint, method.value, bits, group_size, symmetric, to.value if to else None, gguf_type, fake, clip, keep,
         calib, calib_samples, calib_seqlen, seed, awq_then.value, awq_grid, act_order, damp, calib_dtype, resume,
         sensitivity, candidates, sensitivity_chunks, sensitivity_file, target_bpw, target_size,
-        output, force, dry_run, as_json,
+        imatrix, imatrix_out, output, force, dry_run, as_json,
     )  # fmt: skip
 
 
@@ -188,13 +208,15 @@ def _quantize(
     sensitivity_file: Path | None,
     target_bpw: float | None,
     target_size: str | None,
+    imatrix: str | None,
+    imatrix_out: Path | None,
     output: Path | None,
     force: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     from cllm.core.job import Job, run_job
-    from cllm.core.quantize.job import QuantizeJob, QuantizeRequest, QuantSensitivityJob
+    from cllm.core.quantize.job import QuantizeRequest, QuantSensitivityJob, choose_job
 
     req = QuantizeRequest(
         method=method, bits=bits, group_size=group_size, symmetric=symmetric, to=to,
@@ -205,8 +227,14 @@ def _quantize(
         candidates=candidates, sensitivity_chunks=sensitivity_chunks,
         sensitivity_file=str(sensitivity_file) if sensitivity_file else None,
         target_bpw=target_bpw, target_size=target_size,
+        imatrix=imatrix.strip() if imatrix else None,
+        imatrix_out=str(imatrix_out) if imatrix_out else None,
     )  # fmt: skip
-    job: Job = QuantSensitivityJob(req, output) if sensitivity else QuantizeJob(req)
+    job: Job
+    if sensitivity:
+        job = QuantSensitivityJob(req, output)
+    else:
+        job, output = choose_job(req, output)
     result = run_job(
         job, checkpoint, output=output, force=force, dry_run=dry_run, resume=resume, events=EVENTS
     )

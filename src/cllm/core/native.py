@@ -24,13 +24,43 @@ def quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def llama_quantize_file(src: str, dst: str, ftype: int) -> int:
+def llama_quantize_file(src: str, dst: str, ftype: int, imatrix: str | None = None) -> int:
     """llama.cpp's quantizer on a GGUF file; run by `run_isolated`, so a crash in it is a
-    one-line error rather than the end of cllm. Returns llama.cpp's return code."""
+    one-line error rather than the end of cllm. Returns llama.cpp's return code.
+
+    `imatrix`: an importance-matrix file (GGUF or .dat), handed over as llama.cpp's array of
+    (name, values) entries ended by a null name (llama-cpp-python >= 0.3.20)."""
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 0
+    keep: list[object] = []  # the buffers must outlive the call
+    if imatrix is not None:
+        import numpy as np
+
+        from cllm.formats.imatrix import read_imatrix
+
+        im = read_imatrix(imatrix)
+        entry = llama_cpp.llama_model_imatrix_data
+        array = (entry * (len(im.names) + 1))()  # zeroed: the last one ends the list
+        for k, name in enumerate(im.names):
+            values = np.ascontiguousarray(im.mean(name), dtype=np.float32)
+            raw = name.encode()
+            keep += [values, raw]
+            array[k].name = raw
+            array[k].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            array[k].size = values.size
+        keep.append(array)
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(entry))
     with quiet_stderr():
         return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
+
+
+def llama_accepts_imatrix() -> bool:
+    """Whether this llama-cpp-python can pass an importance matrix (0.3.20 and later)."""
+    import llama_cpp
+
+    return hasattr(llama_cpp, "llama_model_imatrix_data")

@@ -38,6 +38,8 @@ def packed_scheme(ckpt: Any) -> tuple[int, int, bool] | None:
     qc = ckpt.config.get("quantization_config")
     if not isinstance(qc, dict) or not hasattr(ckpt, "packed_linear"):
         return None
+    if qc.get("quant_method") != "compressed-tensors":
+        return None  # other tools' layouts are read as floats and quantized again
     from cllm.formats.compressed_tensors import spec_from_config
 
     spec = spec_from_config(ckpt.config)

@@ -317,9 +317,29 @@ def dequantize_linear(tensors: Mapping[str, torch.Tensor], bits: int) -> torch.T
     if asymmetric, `weight_zero_point`) to the checkpoint's tensors.
     """
     codes, scale, zero, group = unpack_linear(tensors, bits)
+    g_idx = group_index(tensors.get("weight_g_idx"), codes.shape[1], scale.shape[1])
+    if g_idx is not None:  # act-order: column i belongs to group g_idx[i]
+        return scale.float()[:, g_idx] * (codes.float() - zero[:, g_idx])
     s = scale.float().repeat_interleave(group, dim=1)
     z = zero.repeat_interleave(group, dim=1)
     return s * (codes.float() - z)
+
+
+def group_index(g_idx: torch.Tensor | None, in_f: int, groups: int) -> torch.Tensor | None:
+    """llm-compressor's `weight_g_idx` (activation-ordered groups) as column -> group, or
+    None when absent or unused (all -1: the groups are contiguous)."""
+    if g_idx is None:
+        return None
+    import torch
+
+    idx = g_idx.reshape(-1).to(torch.int64)
+    if idx.numel() != in_f:
+        raise InputError(f"weight_g_idx has {idx.numel()} entries for {in_f} input columns")
+    if bool((idx < 0).all()):
+        return None
+    if int(idx.min()) < 0 or int(idx.max()) >= groups:
+        raise InputError(f"weight_g_idx names groups outside 0..{groups - 1}")
+    return idx
 
 
 def unpack_linear(
@@ -347,6 +367,9 @@ def unpack_linear(
     zp = tensors.get("weight_zero_point")
     if zp is None:
         zero = torch.full((out_f, scale.shape[1]), float(1 << (bits - 1)))
+    elif zp.dtype == torch.int8 and tuple(zp.shape) == (out_f, scale.shape[1]):
+        # compressed-tensors before 0.10 stored the signed zero points unpacked
+        zero = zp.float() + float(1 << (bits - 1))
     else:
         # packed along the output dim, padded to [out, groups] rows (cllm since the
         # transformers default-load fix) or not ([words, groups]: compressed-tensors'
@@ -386,6 +409,8 @@ def _linear_parts(
     has_zp = (f"{prefix}.weight_zero_point" in names) if names is not None else not spec.symmetric
     if has_zp:
         local.append("weight_zero_point")
+    if names is not None and f"{prefix}.weight_g_idx" in names:
+        local.append("weight_g_idx")
     return {k: get(f"{prefix}.{k}") for k in local}
 
 

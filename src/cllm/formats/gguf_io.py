@@ -38,6 +38,8 @@ CARRIED_KEYS = (
     "general.name",
 )
 
+# the K types cllm packs itself (cllm.formats.kquants), byte-identical to llama.cpp
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # types gguf-py can quantize in numpy, that cllm therefore writes itself
 WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
@@ -384,12 +386,20 @@ class PackedBlocks:
 
 
 @dataclass(frozen=True)
+class PackedRaw:
+    """Blocks already in the type's byte layout, one row of blocks per weight row, in
+    transformers row order (K-grid GPTQ output); the writer only reorders the rows."""
+
+    raw: np.ndarray  # uint8 [rows, row bytes]
+
+
+@dataclass(frozen=True)
 class GGUFTensorPlan:
     hf_name: str
     shape: tuple[int, ...]
     produce: Callable[
-        [], np.ndarray | PackedBlocks
-    ]  # float32 in transformers row order, or packed codes
+        [], np.ndarray | PackedBlocks | PackedRaw
+    ]  # float32 in transformers row order, or packed codes, or packed blocks
     qtype: str | None = None  # this tensor's type; None: the file's type (with the usual fallbacks)
 
 
@@ -520,7 +530,7 @@ def write_gguf(
     from cllm.formats.gguf_pack import SPECS as GGUF_LEGACY
     from cllm.formats.gguf_pack import NonFiniteError, quantize_reference
 
-    if gguf_type not in WRITABLE_TYPES:
+    if gguf_type not in WRITABLE_TYPES + K_TYPES:
         raise UsageError(
             f"GGUF type {gguf_type} cannot be written by cllm's own GGUF writer",
             "Choose one of " + ", ".join(WRITABLE_TYPES),
@@ -532,9 +542,11 @@ def write_gguf(
     n_layers = int(config["num_hidden_layers"])
     w.add_name(str(carried.get("general.name") or config.get("_name_or_path") or "cllm model"))
     extra = spec.write_hparams(w, config)
-    ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[
-        gguf_type
-    ]
+    # llama.cpp's file type (informational); a K type names its usual _M mix
+    ftype = {
+        "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32,
+        "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18,
+    }[gguf_type]  # fmt: skip
     w.add_file_type(ftype)
     w.add_quantization_version(2)
     for key, value in _tokenizer_fields(tokenizer_dir, int(config["vocab_size"]), carried).items():
@@ -567,6 +579,13 @@ def write_gguf(
     w.write_ti_data_to_file()
     for p, _gname, qt in ordered:
         produced = p.produce()
+        if isinstance(produced, PackedRaw):
+            w.write_tensor_data(
+                np.ascontiguousarray(spec.rows_to_gguf(p.hf_name, produced.raw, config))
+            )
+            if on_tensor:
+                on_tensor(p.hf_name, qt)
+            continue
         if isinstance(produced, PackedBlocks):
             from cllm.formats.gguf_pack import pack_blocks
 
@@ -598,6 +617,14 @@ def write_gguf(
                 data = quantize_reference(qt, np.ascontiguousarray(arr))
             except NonFiniteError:
                 raise broken from None
+        elif qt in K_TYPES:  # llama.cpp's reference K quantizer, byte for byte
+            import torch
+
+            from cllm.formats.kquants import quantize_rows
+
+            if not np.isfinite(arr).all():
+                raise broken
+            data = quantize_rows(qt, torch.from_numpy(np.ascontiguousarray(arr)))
         else:
             data = quantize(np.ascontiguousarray(arr), GGMLQuantizationType[qt])
         w.write_tensor_data(data)

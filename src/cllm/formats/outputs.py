@@ -52,6 +52,7 @@ class Kind(str, Enum):
     REPORT = "report folder"
     SENSITIVITY_JSON = "sensitivity JSON"
     HEATMAP_PNG = "sensitivity heat map PNG"
+    IMATRIX = "importance matrix"
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,16 @@ def _inspect_file(path: Path) -> Existing | None:
     if head == PNG_MAGIC:
         return _inspect_png(path)
     if head[:4] == b"GGUF":
-        prov = _gguf_provenance(path)
-        return Existing(Kind.GGUF, prov) if prov is not None else None
+        keys = _gguf_keys(path, (PROVENANCE_KEY, "general.type"))
+        prov = parse_json_object(keys.get(PROVENANCE_KEY))
+        if prov is None:
+            return None
+        return Existing(Kind.IMATRIX if keys.get("general.type") == "imatrix" else Kind.GGUF, prov)
+    if path.suffix.lower() == ".dat":
+        from cllm.formats.imatrix import dat_provenance
+
+        prov = dat_provenance(path)
+        return Existing(Kind.IMATRIX, prov) if prov is not None else None
     if head.lstrip()[:1] == b"{":
         data = _json_object(path)
         if data is None:
@@ -263,37 +272,40 @@ def _safetensors_provenance(path: Path) -> dict[str, Any] | None:
     return parse_json_object(meta.get(PROVENANCE_KEY))
 
 
-def _gguf_provenance(path: Path) -> dict[str, Any] | None:
-    """The `cllm.provenance` key, read by walking the key/value section with bounds checks
-    (gguf-py would map the whole file and parse every tensor first)."""
+def _gguf_keys(path: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """Some scalar or string keys of a GGUF file, read by walking the key/value section with
+    bounds checks (gguf-py would map the whole file and parse every tensor first)."""
     import mmap
 
     from cllm.errors import InputError
     from cllm.formats.gguf_io import _Cursor, _skip_value
 
+    found: dict[str, Any] = {}
     if Path(path).stat().st_size < 24:
-        return None
+        return found
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         cur = _Cursor(mm, Path(path))
         try:
             cur.take(4, "magic")
             if cur.unpack("<I", "version") not in (2, 3):
-                return None
+                return found
             cur.unpack("<Q", "tensor count")
             n_kv = cur.unpack("<Q", "key/value count")
             for _ in range(min(n_kv, len(mm) // 13)):
                 key = cur.string("a key name")
                 vtype = cur.unpack("<I", f"type of key {key}")
                 value = _skip_value(cur, vtype, key)
-                if key == PROVENANCE_KEY:
-                    return parse_json_object(value)
+                if key in wanted:
+                    found[key] = value
+                    if len(found) == len(wanted):
+                        break
         except InputError:
-            return None
+            return {}
         finally:
             del cur
             mm.close()
-    return None
+    return found
 
 
 # -- PNG text chunks: how a heat map says who wrote it -------------------------------------

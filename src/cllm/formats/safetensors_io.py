@@ -210,8 +210,10 @@ class SafetensorsCheckpoint(Checkpoint):
         pipes into eval, export or another quantize like any checkpoint.
         """
         qc = self._config.get("quantization_config")
-        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        if not isinstance(qc, dict):
             return {}
+        if qc.get("quant_method") != "compressed-tensors":
+            return self._map_foreign_linears()
         from cllm.formats import compressed_tensors as ct
 
         spec = ct.spec_from_config(self._config)
@@ -232,12 +234,46 @@ class SafetensorsCheckpoint(Checkpoint):
             packed[prefix + ".weight"] = (prefix, spec, set(group))
         return packed
 
+    def _map_foreign_linears(self) -> dict[str, Any]:
+        """GPTQ, AWQ and AutoRound checkpoints: each `<p>.qweight` (with its qzeros, scales
+        and g_idx) becomes `<p>.weight`, dequantized on read."""
+        from cllm.formats import foreign_quant as fq
+
+        spec = fq.spec_from_config(self._config)
+        if spec is None:
+            return {}
+        packed: dict[str, Any] = {}
+        for name in [n for n in self._infos if n.endswith(".qweight")]:
+            prefix = name[: -len(".qweight")]
+            parts = {k: f"{prefix}.{k}" for k in fq.PARTS if f"{prefix}.{k}" in self._infos}
+            missing = [k for k in fq.PARTS[:3] if k not in parts]
+            if missing:
+                raise InputError(f"{self.path}: quantized linear {prefix} has no {missing[0]}")
+            shape = fq.linear_shape({k: self._infos[n].shape for k, n in parts.items()}, spec)
+            nbytes = sum(self._infos[n].nbytes for n in parts.values())
+            for n in parts.values():
+                del self._infos[n]
+            self._infos[prefix + ".weight"] = TensorInfo(
+                prefix + ".weight", shape, spec.dtype, nbytes
+            )
+            packed[prefix + ".weight"] = ("foreign", spec, parts)
+        if not packed:
+            raise InputError(
+                f"{self.path}: the config declares {spec.label} weights but no tensor is quantized"
+            )
+        return packed
+
     # -- Checkpoint API ----------------------------------------------------------
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def get(self, name: str) -> torch.Tensor:
         packed = self._packed.get(name)
+        if packed is not None and packed[0] == "foreign":
+            from cllm.formats.foreign_quant import dequantize
+
+            _, spec, parts = packed
+            return dequantize({k: self._raw_get(n) for k, n in parts.items()}, spec)
         if packed is not None:
             from cllm.formats.compressed_tensors import dequantize_checkpoint_linear
 
@@ -251,8 +287,8 @@ class SafetensorsCheckpoint(Checkpoint):
         """The stored integers of a packed Linear's `.weight` (codes, scale, zero, group size),
         for writers that keep them exactly; None for a tensor stored as floats."""
         packed = self._packed.get(name)
-        if packed is None:
-            return None
+        if packed is None or packed[0] == "foreign" or f"{packed[0]}.weight_g_idx" in packed[2]:
+            return None  # other layouts, or groups that are not runs of columns
         from cllm.formats.compressed_tensors import read_checkpoint_linear
 
         prefix, spec, names = packed

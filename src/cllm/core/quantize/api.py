@@ -12,7 +12,9 @@ import torch
 import cllm.core.quantize.gptq_layerwise  # noqa: F401 - registers GPTQ
 from cllm.core.job import state_dir
 from cllm.core.quantize.grid import GGUF_GRIDS, GGUFGrid, Grid, IntGrid
+from cllm.core.quantize.kplan import is_k_mix, k_mix_plan
 from cllm.core.quantize.methods import (
+    GPTQConfig,
     MethodConfig,
     RTNConfig,
     check_divisible,
@@ -31,7 +33,14 @@ LLAMACPP_TYPES = (
     "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "IQ4_NL", "IQ4_XS", "IQ3_M",
     "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
 )  # fmt: skip
-NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+# llama.cpp refuses these without an importance matrix (checked on llama-cpp-python 0.3.36)
+NEEDS_IMATRIX = (
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S",
+)  # fmt: skip
+IQ_TYPES = (
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+    "IQ3_M", "IQ4_NL", "IQ4_XS",
+)  # fmt: skip
 
 
 @dataclass
@@ -67,6 +76,8 @@ class Target:
                     f"--clip cannot target {t}",
                     "llama.cpp's quantizer searches K-quant and IQ scales itself; drop --clip",
                 )
+            if is_k_mix(t) and isinstance(method, GPTQConfig):
+                return None  # quantize() plans each tensor's grid from llama.cpp's mix
             if t not in GGUF_GRIDS:
                 raise UsageError(
                     f"{method.method.upper()} cannot target {t} yet",
@@ -93,20 +104,31 @@ def quantize(
     progress: Progress | None = None,
     on_layer: Callable[[int, int], None] | None = None,
     calibration: Any = None,
+    imatrix: Any = None,
 ) -> dict[str, Any]:
-    """Run the method and write the output. Returns a report (types used, tensors quantized)."""
+    """Run the method and write the output. Returns a report (types used, tensors quantized).
+
+    `imatrix` (a `cllm.formats.imatrix.Imatrix`) goes to llama.cpp's quantizer, which then
+    writes every GGUF type, legacy ones included (it weights their scale search too)."""
     names = select_tensors(ckpt, target.keep)
+    other_types: dict[str, str] | None = None
     if target.layer_types is not None:
         plan, types = _mixed_plan(ckpt, target, names)
         grid: Any = plan
+    elif target.to == "gguf" and is_k_mix(target.gguf_type) and isinstance(method, GPTQConfig):
+        kplan = k_mix_plan(ckpt, str(target.gguf_type), names)
+        grid, names, other_types = kplan.grids, kplan.names, kplan.other_types
     else:
         grid = target.grid(method)
     if grid is None or (target.layer_types is not None and _plain_rtn(method)):
         # llama.cpp's block layouts, streamed by cllm or made by llama.cpp itself
-        report = _write_rtn_gguf(ckpt, target, names, out, provenance, progress)
+        report = _write_rtn_gguf(ckpt, target, names, out, provenance, progress, imatrix)
         report["quantized_tensors"] = len(names)
         return report
-    check_divisible(ckpt, names, grid[0] if isinstance(grid, dict) else grid)
+    if not isinstance(grid, dict):
+        check_divisible(ckpt, names, grid)
+    elif other_types is None:
+        check_divisible(ckpt, names, grid[0])
     notes: dict[str, Any] = {}
     if isinstance(grid, IntGrid) and not target.fake:
         usable = loadable_group_size(ckpt, names, grid.group_size)
@@ -125,7 +147,9 @@ def quantize(
     from cllm.core.quantize import writers
 
     if isinstance(grid, (dict, GGUFGrid)):
-        report = writers.write_gguf_grid(out, ckpt, store, names, grid, provenance, progress)
+        report = writers.write_gguf_grid(
+            out, ckpt, store, names, grid, provenance, progress, other_types
+        )
     elif target.fake:
         report = writers.write_fake(out, ckpt, store, names, provenance, progress)
     else:
@@ -150,6 +174,7 @@ def _write_rtn_gguf(
     out: Path,
     provenance: dict[str, Any],
     progress: Progress | None,
+    imatrix: Any = None,
 ) -> dict[str, Any]:
     from cllm.core.quantize import writers
     from cllm.core.quantize.grid import layer_of
@@ -161,11 +186,11 @@ def _write_rtn_gguf(
         report["layer_types"] = list(target.layer_types)
         return report
     gtype = str(target.gguf_type).upper()
-    if gtype in WRITABLE_TYPES and gtype not in ("F32", "F16", "BF16"):
+    if imatrix is None and gtype in WRITABLE_TYPES and gtype not in ("F32", "F16", "BF16"):
         # the same blocks llama.cpp writes, streamed by cllm: memory stays near one tensor
         return writers.write_gguf_rtn(out, ckpt, names, gtype, provenance, progress)
     # K-quants, IQ and float types: llama.cpp's own quantizer and recipes
-    return writers.write_gguf_llamacpp(out, ckpt, gtype, provenance, progress)
+    return writers.write_gguf_llamacpp(out, ckpt, gtype, provenance, progress, imatrix)
 
 
 def _mixed_plan(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cllm.core.obs import inverse_hessian_factor, obs_sweep, prepare_hessian
-from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams, fit_clipped
+from cllm.core.quantize.grid import GGUFGrid, Grid, GroupParams, KGrid, fit_clipped
 from cllm.errors import RuntimeFailure
 
 
@@ -65,6 +65,7 @@ class GPTQResult:
     scales: torch.Tensor  # [rows, groups]
     zeros: torch.Tensor  # [rows, groups]
     weight: torch.Tensor  # dequantized [rows, cols]
+    raw: torch.Tensor | None = None  # K grids: the blocks as stored, uint8 [rows, row bytes]
 
 
 def gptq_quantize(
@@ -90,8 +91,10 @@ def gptq_quantize(
     """
     rows, cols = W.shape
     g = grid.group_width(cols)
-    if cols % g and isinstance(grid, GGUFGrid):
-        raise RuntimeFailure(f"row length {cols} is not a multiple of the {grid.qtype} block of 32")
+    if cols % g and isinstance(grid, (GGUFGrid, KGrid)):
+        raise RuntimeFailure(
+            f"row length {cols} is not a multiple of the {grid.qtype} block of {g}"
+        )
     # a block holds whole groups, so a group never waits on lazy updates
     blocksize = max(blocksize // g, 1) * g
     W, H = prepare_hessian(W, H, 0.0)  # dead columns zeroed; damping comes after the permutation
@@ -118,7 +121,8 @@ def gptq_quantize(
     if invperm is not None:
         Q = Q[:, invperm]
         codes = codes[:, invperm]
-    return GPTQResult(codes, rule.scales, rule.zeros, Q)
+    raw = rule.pack_k(codes) if isinstance(grid, KGrid) else None
+    return GPTQResult(codes, rule.scales, rule.zeros, Q, raw)
 
 
 class _RoundingRule:
@@ -136,6 +140,19 @@ class _RoundingRule:
         self.static: list[GroupParams] | None = None
         self.perm: torch.Tensor | None = None
         self.current: GroupParams | None = None
+        self.kfits: dict[int, object] = {}  # K grids: each super-block's parameters
+
+    def pack_k(self, codes: torch.Tensor) -> torch.Tensor:
+        """The K blocks as stored: each super-block's parameters with its codes."""
+        from cllm.formats.kquants import pack_blocks
+
+        parts = [
+            torch.from_numpy(
+                pack_blocks(self.kfits[gi], codes[:, gi * self.g : (gi + 1) * self.g])  # type: ignore[arg-type]
+            )
+            for gi in range(len(self.kfits))
+        ]
+        return torch.cat(parts, dim=1)
 
     def begin_block(self, i1: int, W1: torch.Tensor, Hinv1: torch.Tensor) -> None:
         pass
@@ -156,6 +173,9 @@ class _RoundingRule:
                 self.current = fit_clipped(self.grid, group, self.clip)
             assert self.current is not None
             p = self.current
+        if p.extra is not None:
+            self.kfits[gi] = p.extra
+        p = p.at(int(self.perm[col]) % g if self.perm is not None else col % g)
         w = W1[:, i]
         if self.mask is not None:
             w = w * self.mask[:, col]
@@ -175,6 +195,8 @@ def _static_groups(W: torch.Tensor, grid: Grid, g: int, clip: bool) -> list[Grou
     rows, cols = W.shape
     full = cols // g
     groups: list[GroupParams] = []
+    if isinstance(grid, KGrid):  # parameters per column: fitted group by group
+        return [grid.fit(W[:, j * g : (j + 1) * g]) for j in range(full)]
     if full:
         p = fit_clipped(grid, W[:, : full * g].reshape(rows * full, g), clip)
         s, z = p.scale.reshape(rows, full), p.zero.reshape(rows, full)

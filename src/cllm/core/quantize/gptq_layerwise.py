@@ -84,7 +84,6 @@ def run_gptq(
     def work(
         runner: LayerRunner, i: int, layer: torch.nn.Module, hidden: torch.Tensor
     ) -> tuple[dict[str, Any], None]:
-        layer_grid = grid_for(grid, i)
         prefix = runner.layer_prefix(i)
         linears = {
             n: m for n, m in linear_modules(layer).items() if prefix + n + ".weight" in wanted
@@ -92,6 +91,7 @@ def run_gptq(
         accs = collect_hessians(runner, layer, hidden, linears)
         results: dict[str, Any] = {}
         for n, m in linears.items():
+            layer_grid = grid_for(grid, i, prefix + n + ".weight")
             res = gptq_quantize(
                 m.weight.data,
                 accs[n].H,
@@ -104,7 +104,9 @@ def run_gptq(
             )
             m.weight.data = res.weight
             group = layer_grid.group_width(m.in_features)
-            results[prefix + n + ".weight"] = QuantResult(res.codes, res.scales, res.zeros, group)
+            results[prefix + n + ".weight"] = QuantResult(
+                res.codes, res.scales, res.zeros, group, res.raw
+            )
         return results, None
 
     return drive_layers(

@@ -20,8 +20,15 @@ from cllm.errors import UsageError
 
 @dataclass
 class GroupParams:
-    scale: torch.Tensor  # [rows, 1] float32
-    zero: torch.Tensor  # [rows, 1] float32 (code units)
+    scale: torch.Tensor  # [rows, 1] float32 ([rows, group] for K grids: one per column)
+    zero: torch.Tensor  # [rows, 1] float32 (code units; K grids: the min, in weight units)
+    extra: object = None  # K grids: the block parameters (cllm.formats.kquants.KFit)
+
+    def at(self, col: int) -> GroupParams:
+        """The parameters of one column of the group."""
+        if self.scale.shape[1] == 1:
+            return self
+        return GroupParams(self.scale[:, col : col + 1], self.zero[:, col : col + 1], self.extra)
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,78 @@ class GGUFGrid:
         return f"GGUF {self.qtype} grid"
 
 
-Grid = IntGrid | GGUFGrid
-# one grid for the model, or one per decoder layer (mixed precision)
-GridPlan = IntGrid | GGUFGrid | dict[int, GGUFGrid]
+@dataclass(frozen=True)
+class KGrid:
+    """The grid of a llama.cpp K type (Q2_K ... Q6_K): super-blocks of 256 columns whose
+    sub-blocks (16 or 32 columns) have their own scale (and min), stored as small integers
+    times an fp16 super-block scale. `fit` runs llama.cpp's reference search on the weights
+    it is given (for GPTQ: as updated by the error feedback so far), so every block written
+    is one llama.cpp's own quantizer could have produced; codes then round on each column's
+    sub-block step, as the reference's final pass does."""
+
+    qtype: str = "Q4_K"
+
+    def __post_init__(self) -> None:
+        from cllm.formats.kquants import SUB
+
+        if self.qtype not in SUB:
+            raise UsageError(f"{self.qtype} is not a K type")
+
+    @property
+    def group_size(self) -> int:
+        return 256
+
+    @property
+    def bits(self) -> int:
+        return int(self.qtype[1])
+
+    @property
+    def maxq(self) -> int:
+        from cllm.formats.kquants import CODES
+
+        lo, hi = CODES[self.qtype]
+        return hi - lo
+
+    def group_width(self, cols: int) -> int:
+        return 256
+
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        from cllm.formats.kquants import SUB, fit_blocks
+
+        kfit = fit_blocks(self.qtype, w.float().contiguous())
+        dj, mj = kfit.steps()
+        sub = SUB[self.qtype]
+        return GroupParams(dj.repeat_interleave(sub, dim=1), mj.repeat_interleave(sub, dim=1), kfit)
+
+    def quantize(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        from cllm.formats.kquants import CODES, HAS_MIN
+
+        lo, hi = CODES[self.qtype]
+        live = p.scale != 0
+        safe = torch.where(live, p.scale, torch.ones_like(p.scale))
+        if HAS_MIN[self.qtype]:
+            q = torch.clamp(torch.round((w + p.zero) / safe), lo, hi)
+        else:
+            q = torch.clamp(torch.round(w / safe), lo, hi) - lo
+        # a sub-block whose step is 0 holds one value whatever its codes
+        return torch.where(live, q, torch.full_like(q, float(-lo)))
+
+    def dequantize(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        from cllm.formats.kquants import CODES, HAS_MIN
+
+        lo, _hi = CODES[self.qtype]
+        if HAS_MIN[self.qtype]:
+            return p.scale * q - p.zero
+        return p.scale * (q + lo)
+
+    def describe(self) -> str:
+        return f"GGUF {self.qtype} grid"
+
+
+Grid = IntGrid | GGUFGrid | KGrid
+# one grid for the model, one per decoder layer (mixed precision), or one per tensor name
+# (llama.cpp's K mixes, whose types differ between tensors of a layer)
+GridPlan = IntGrid | GGUFGrid | dict[int, GGUFGrid] | dict[str, Grid]
 
 
 def layer_of(name: str) -> int:
@@ -163,8 +239,13 @@ def layer_of(name: str) -> int:
     return int(name.split(".")[2])
 
 
-def grid_for(plan: GridPlan, layer: int) -> Grid:
-    return plan[layer] if isinstance(plan, dict) else plan
+def grid_for(plan: GridPlan, layer: int, name: str | None = None) -> Grid:
+    """The grid of one tensor (`name`) or one layer's tensors."""
+    if not isinstance(plan, dict):
+        return plan
+    if name is not None and name in plan:
+        return plan[name]  # type: ignore[index]
+    return plan[layer]  # type: ignore[index]
 
 
 def n_groups(cols: int, group: int) -> int:
@@ -189,7 +270,7 @@ def fit_clipped(grid: Grid, w: torch.Tensor, clip: bool = False) -> GroupParams:
     stay standard.
     """
     best = grid.fit(w)
-    if not clip:
+    if not clip or isinstance(grid, KGrid):  # the K reference searches its own ranges
         return best
     err = _group_error(grid, w, best)
     for s in CLIP_SHRINKS[1:]:
@@ -211,6 +292,8 @@ def quantize_rtn(
     w: torch.Tensor, grid: Grid, clip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of a 2-D weight: (codes, scales [rows, groups], zeros [rows, groups])."""
+    if isinstance(grid, KGrid):
+        raise UsageError(f"round-to-nearest on the {grid.qtype} grid goes through llama.cpp")
     rows, cols = w.shape
     g = grid.group_width(cols)
     w = w.float()

@@ -23,7 +23,7 @@ from cllm.core.quantize.sparsity import SparseScan
 from cllm.errors import UsageError
 from cllm.formats.checkpoint import Checkpoint
 from cllm.formats.inputs import Source, require_checkpoint
-from cllm.formats.outputs import Kind
+from cllm.formats.outputs import Kind, check_output
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
@@ -54,6 +54,8 @@ class QuantizeRequest:
     sensitivity_file: str | None = None
     target_bpw: float | None = None
     target_size: str | None = None
+    imatrix: str | None = None  # "auto" (from the calibration text) or a file
+    imatrix_out: str | None = None  # also write the importance matrix here (GGUF or .dat)
 
     @property
     def mixed(self) -> bool:
@@ -150,10 +152,12 @@ class QuantizeJob(CalibratedJob):
         self.calibration: Any = None
         self.sensitivity_file: dict[str, Any] | None = None
         self.sparse: SparseScan | None = None
+        self.importance: ImatrixSource | None = None
 
     def validate(self) -> None:
         self.target = quantize_target(self.req)
         self.cfg = method_config(self.req)
+        check_imatrix_flags(self.req, self.target, self.cfg)
         if self.req.target_size is not None:
             parse_size(self.req.target_size)
         if not self.req.mixed:
@@ -179,6 +183,10 @@ class QuantizeJob(CalibratedJob):
             )
             params["input_dequantized_from"] = already
         self._check_sparse_input(source, ckpt, params, events)
+        if self.req.imatrix or self.req.imatrix_out:
+            self.importance = ImatrixSource(self.req)
+            params["imatrix"] = self.importance.identity(ckpt)
+            self.calibration = self.importance.calibration
         if self.cfg.needs_calibration():
             self.calibration = self.cfg.load_calibration(ckpt.tokenizer_dir())  # type: ignore[union-attr]
             params["calibration_sha256"] = self.calibration.sha256
@@ -273,6 +281,10 @@ class QuantizeJob(CalibratedJob):
         where = (
             grid.describe() if grid else "mixed GGUF types" if target.layer_types else "llama.cpp " + str(target.gguf_type)
         )  # fmt: skip
+        imatrix = None
+        if self.importance is not None:
+            imatrix = self.importance.get(ckpt, provenance, events)
+            where += " with an importance matrix"
         events.log(f"quantizing {source.text} with {label} on {where}")
         layered = self.cfg.needs_calibration()
         n_layers = int(ckpt.config.get("num_hidden_layers", 0))
@@ -283,8 +295,10 @@ class QuantizeJob(CalibratedJob):
                 ckpt, self.cfg, target, paths[0], provenance, resume=self.req.resume,
                 progress=(lambda _n: advance()) if not layered else None,
                 on_layer=lambda i, n: after_layer(i, n, advance),
-                calibration=self.calibration,
+                calibration=self.calibration, imatrix=imatrix,
             )  # fmt: skip
+        if imatrix is not None:
+            report["imatrix"] = imatrix.summary()
         if report.get("note"):
             events.warn(str(report["note"]))
         if self.sparse is not None and self.sparse.any:
@@ -359,6 +373,137 @@ class QuantizeJob(CalibratedJob):
             "sensitivity_map": sens_map,
             **stats,
         }
+
+
+def check_imatrix_flags(req: QuantizeRequest, target: Target, cfg: MethodConfig) -> None:
+    """An importance matrix weights llama.cpp's own quantizer; refused where it would be
+    ignored, before anything is read."""
+    from cllm.core.quantize.api import NEEDS_IMATRIX
+
+    if target.gguf_type in NEEDS_IMATRIX and req.imatrix is None:
+        raise UsageError(
+            f"llama.cpp's {target.gguf_type} needs an importance matrix",
+            "Add --imatrix auto (or a llama.cpp imatrix file)",
+        )
+    if req.imatrix is None and req.imatrix_out is None:
+        return
+    if req.imatrix_out is not None and req.imatrix not in (None, "auto"):
+        raise UsageError(
+            "--imatrix-out writes the matrix cllm computes",
+            "Drop --imatrix FILE, or --imatrix-out (the file is already one)",
+        )
+    if req.imatrix is not None and (
+        target.to != "gguf" or req.mixed or not isinstance(cfg, RTNConfig) or cfg.clip
+    ):
+        raise UsageError(
+            "--imatrix weights llama.cpp's quantizer: it applies to --gguf-type with --method rtn",
+            "e.g. cllm quantize MODEL --gguf-type Q4_K_M --imatrix auto",
+        )
+    if req.imatrix_out is not None:
+        check_output(Path(req.imatrix_out), Kind.IMATRIX, f"--imatrix-out {req.imatrix_out}")
+
+
+class ImatrixSource:
+    """Where the importance matrix comes from (computed from calibration text, or a file),
+    what identifies it in the output's provenance, and the matrix itself."""
+
+    def __init__(self, req: QuantizeRequest) -> None:
+        self.req = req
+        self.calibration: Any = None
+        self.matrix: Any = None
+
+    def identity(self, ckpt: Checkpoint) -> dict[str, Any]:
+        if self.req.imatrix not in (None, "auto"):
+            from cllm.core.quantize.imatrix import load_imatrix
+
+            self.matrix = load_imatrix(str(self.req.imatrix))
+            s = self.matrix.summary()
+            return {"source": "file", "sha256": s["sha256"], "entries": s["entries"]}
+        from cllm.core.calib import CalibrationOptions
+
+        opts = CalibrationOptions(
+            calib=self.req.calib, calib_samples=self.req.calib_samples,
+            calib_seqlen=self.req.calib_seqlen, seed=self.req.seed,
+            compute_dtype=self.req.calib_dtype,
+        )  # fmt: skip
+        opts.check_calibration()
+        self.calibration = opts.load_calibration(ckpt.tokenizer_dir())
+        return {"source": "auto", "calibration_sha256": self.calibration.sha256}
+
+    def get(self, ckpt: Checkpoint, provenance: dict[str, Any], events: Events) -> Any:
+        """The matrix, computed now for `auto`; also written to --imatrix-out."""
+        if self.matrix is None:
+            from cllm.core.quantize.imatrix import collect_imatrix
+
+            n = int(ckpt.config.get("num_hidden_layers", 0))
+            events.log(
+                f"importance matrix: {self.calibration.ids.shape[0]} samples of "
+                f"{self.calibration.ids.shape[1]} tokens through {n} layers"
+            )
+            with events.progress("importance matrix", n) as advance:
+                self.matrix = collect_imatrix(
+                    ckpt, self.calibration, compute_dtype=self.req.calib_dtype,
+                    on_layer=lambda i, n: advance(),
+                )  # fmt: skip
+        if self.req.imatrix_out is not None:
+            write_imatrix_file(self.matrix, Path(self.req.imatrix_out), provenance)
+            events.log(f"importance matrix written to {self.req.imatrix_out}")
+        return self.matrix
+
+
+def write_imatrix_file(matrix: Any, path: Path, provenance: dict[str, Any]) -> None:
+    from cllm.formats.atomic import atomic_path
+    from cllm.formats.imatrix import write_imatrix
+
+    matrix.provenance = provenance
+    with atomic_path(path, Kind.IMATRIX) as tmp:
+        write_imatrix(matrix, tmp, legacy=path.suffix.lower() == ".dat")
+
+
+class ImatrixJob(CalibratedJob):
+    """`cllm quantize MODEL --imatrix-out FILE` without a target type: the importance
+    matrix alone, for llama.cpp's llama-quantize or a later `cllm quantize --imatrix FILE`."""
+
+    op = "imatrix"
+
+    def __init__(self, req: QuantizeRequest) -> None:
+        self.req = req
+        self.source = ImatrixSource(req)
+
+    def validate(self) -> None:
+        if self.req.imatrix not in (None, "auto"):
+            raise UsageError("--imatrix-out alone computes a matrix; drop --imatrix FILE")
+
+    def outputs(self) -> list[OutputSpec]:
+        return [OutputSpec(Kind.IMATRIX, "imatrix", ".imatrix.gguf")]
+
+    def prepare(self, source: Source, events: Events) -> dict[str, Any]:
+        ckpt = require_checkpoint(source)
+        params = {"imatrix": self.source.identity(ckpt)}
+        self.calibration = self.source.calibration
+        return params
+
+    def run(
+        self, source: Source, paths: list[Path], provenance: dict[str, Any], events: Events
+    ) -> dict[str, Any]:
+        ckpt = require_checkpoint(source)
+        self.req.imatrix_out = None  # written here, to the job's own output path
+        matrix = self.source.get(ckpt, provenance, events)
+        write_imatrix_file(matrix, paths[0], provenance)
+        return {"imatrix": matrix.summary(), "format": "imatrix"}
+
+
+def choose_job(req: QuantizeRequest, output: Path | None) -> tuple[Job, Path | None]:
+    """A quantized model, or (--imatrix-out with no target type) the importance matrix
+    alone, which is then the run's output."""
+    if req.imatrix_out is None or req.gguf_type or req.mixed or req.to:
+        return QuantizeJob(req), output
+    if output is not None:
+        raise UsageError(
+            "--imatrix-out without --gguf-type writes only the matrix; -o has nothing to name",
+            "Drop -o, or add --gguf-type",
+        )
+    return ImatrixJob(req), Path(req.imatrix_out)
 
 
 def after_layer(i: int, n: int, advance: Any) -> None:

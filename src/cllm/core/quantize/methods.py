@@ -31,6 +31,7 @@ class QuantResult:
     scales: torch.Tensor  # [rows, groups]
     zeros: torch.Tensor  # [rows, groups]
     group_size: int  # columns per scale (the last group may be shorter)
+    raw: torch.Tensor | None = None  # K grids: the blocks as stored (uint8 [rows, row bytes])
 
     def dequantize(self) -> torch.Tensor:
         from cllm.core.quantize.grid import dequantize_groups

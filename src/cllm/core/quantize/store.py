@@ -107,6 +107,8 @@ class LayerStateStore:
             tensors[name + ".scales"] = r.scales.contiguous()
             tensors[name + ".zeros"] = r.zeros.contiguous()
             tensors[name + ".group"] = torch.tensor([r.group_size])
+            if r.raw is not None:
+                tensors[name + ".raw"] = r.raw.to(torch.uint8).contiguous()
         for name, t in (extra_tensors or {}).items():
             tensors[name + ".dense"] = t.detach().float().contiguous()
         for fname, payload in (
@@ -140,6 +142,7 @@ class LayerStateStore:
             t[name + ".scales"],
             t[name + ".zeros"],
             int(t[name + ".group"]),
+            t.get(name + ".raw"),
         )
 
     def get_dense(self, name: str) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cllm.core.quantize.grid import GGUFGrid, GridPlan, IntGrid, grid_for, layer_of
+from cllm.core.quantize.grid import GGUFGrid, GridPlan, IntGrid, KGrid, grid_for, layer_of
 from cllm.errors import RuntimeFailure, UsageError
 from cllm.formats.atomic import atomic_path
 from cllm.formats.checkpoint import Checkpoint
@@ -132,7 +132,7 @@ def write_packed(
 
 
 def _gguf_qtype(grid: Any) -> str:
-    if not isinstance(grid, GGUFGrid):
+    if not isinstance(grid, (GGUFGrid, KGrid)):
         raise UsageError("GGUF output needs a GGUF grid")
     return grid.qtype
 
@@ -146,6 +146,7 @@ def write_gguf_recipe(
     provenance: dict[str, Any],
     progress: Progress | None,
     store: Any = None,
+    other_types: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A standard GGUF with llama.cpp's recipe for its legacy types, streamed tensor by tensor.
 
@@ -173,7 +174,9 @@ def write_gguf_recipe(
                 return value
 
         else:
-            if len(info.shape) < 2:
+            if other_types and name in other_types:
+                tq = other_types[name]
+            elif len(info.shape) < 2:
                 tq = "F32"
             elif (
                 name in ("model.embed_tokens.weight", "lm_head.weight") and info.shape[-1] % 32 == 0
@@ -204,16 +207,23 @@ def write_gguf_grid(
     grid: GridPlan,
     provenance: dict[str, Any],
     progress: Progress | None,
+    other_types: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """GPTQ/AWQ results stored exactly: the blocks hold the method's codes and scales."""
-    from cllm.formats.gguf_io import PackedBlocks
+    """GPTQ/AWQ results stored exactly: the blocks hold the method's codes and scales.
+    `other_types`: types of tensors the method did not quantize (a K mix's embedding)."""
+    from cllm.formats.gguf_io import PackedBlocks, PackedRaw
 
     def packed(name: str) -> Any:
         r = store.get(name)
+        if r.raw is not None:
+            return PackedRaw(r.raw.numpy())
         return PackedBlocks(r.codes.numpy(), r.scales.numpy(), r.zeros.numpy())
 
-    types = {n: _gguf_qtype(grid_for(grid, layer_of(n))) for n in names}
-    report = write_gguf_recipe(out, ckpt, names, types, packed, provenance, progress, store=store)
+    types = {n: _gguf_qtype(grid_for(grid, layer_of(n), n)) for n in names}
+    report = write_gguf_recipe(
+        out, ckpt, names, types, packed, provenance, progress, store=store,
+        other_types=other_types,
+    )  # fmt: skip
     mix = sorted(set(types.values()))
     report["format"] = f"GGUF ({'/'.join(mix)} grid{'s' if len(mix) > 1 else ''})"
     return report
@@ -239,12 +249,18 @@ def write_gguf_rtn(
 
 
 def write_gguf_llamacpp(
-    out: Path, ckpt: Checkpoint, ftype: str, provenance: dict[str, Any], progress: Progress | None
+    out: Path,
+    ckpt: Checkpoint,
+    ftype: str,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+    imatrix: Any = None,
 ) -> dict[str, Any]:
     """Any llama.cpp type (K-quants, IQ, legacy) with llama.cpp's own quantizer and recipes.
 
     cllm writes an F32 GGUF of the input (carrying the final provenance, which llama.cpp
-    copies), then calls llama_model_quantize on it.
+    copies), then calls llama_model_quantize on it, with the importance matrix if one is
+    given (written beside it as a GGUF imatrix file for the worker process to read).
     """
     try:
         import llama_cpp
@@ -264,23 +280,43 @@ def write_gguf_llamacpp(
     )
     if ftype_id is None:
         raise UsageError(f"llama.cpp has no file type {ftype}")
+    from cllm.core.native import llama_accepts_imatrix
     from cllm.core.quantize.api import NEEDS_IMATRIX
 
-    if ftype in NEEDS_IMATRIX:
+    if ftype in NEEDS_IMATRIX and imatrix is None:
         raise UsageError(
-            f"llama.cpp's {ftype} needs an importance matrix",
-            "cllm does not compute one yet; pick another type",
+            f"llama.cpp's {ftype} needs an importance matrix", "Add --imatrix auto (or a file)"
         )
+    if imatrix is not None and not llama_accepts_imatrix():
+        raise UsageError(
+            f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} cannot pass an importance matrix",
+            "Upgrade it: pip install 'llama-cpp-python>=0.3.20'",
+        )
+    report: dict[str, Any] = {}
     with atomic_path(out, Kind.GGUF) as tmp:
         f32 = tmp.parent / "input-f32.gguf"
         save_gguf(f32, ckpt, "F32", provenance, progress)
+        im_file = None
+        if imatrix is not None:
+            from cllm.core.quantize.imatrix import entries_for
+            from cllm.formats.imatrix import write_imatrix
+
+            shapes = {t.name: tuple(int(d) for d in t.shape) for t in GGUFReader(f32).tensors}
+            report["imatrix_entries"] = entries_for(imatrix, shapes, "given")
+            im_file = tmp.parent / "imatrix.gguf"
+            write_imatrix(imatrix, im_file)
         rc = run_isolated("llama.cpp's quantizer", f"quantizing to {ftype}",
-                          "cllm.core.native:llama_quantize_file", str(f32), str(tmp), ftype_id)  # fmt: skip
+                          "cllm.core.native:llama_quantize_file", str(f32), str(tmp), ftype_id,
+                          str(im_file) if im_file else None)  # fmt: skip
         f32.unlink()
+        if im_file is not None:
+            im_file.unlink()
         if rc != 0:
             raise RuntimeFailure(f"llama.cpp's quantizer failed for {ftype} (code {rc})")
         counts = Counter(t.tensor_type.name for t in GGUFReader(tmp).tensors)
-    return {"format": f"GGUF {ftype} (llama.cpp quantizer)", "types": dict(counts)}
+    with_im = " with an importance matrix" if imatrix is not None else ""
+    report.update({"format": f"GGUF {ftype} (llama.cpp quantizer{with_im})", "types": dict(counts)})
+    return report
 
 
 def type_mix(report: dict[str, Any]) -> str:
