@@ -19,7 +19,7 @@ qh[32] qs[128] (176); Q6_K ql[128] qh[64] scales[16] d (210).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -373,13 +373,22 @@ def _pack_q2(fit: KFit, L: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def _signed_sub_scales(
+    x: torch.Tensor, make: Any, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q3_K and Q6_K: the signed scale of each 16-value sub-block, its codes, and the
+    largest |scale| with the signed scale that reaches it first."""
+    nb = x.shape[0]
+    scales, L = make(x.reshape(nb * 16, 16), nmax)
+    scales = scales.reshape(nb, 16)
+    amax, max_scale = _signed_absmax(scales)
+    return scales, L.reshape(nb, 256), amax, max_scale
+
+
 def _fit_q3(x: torch.Tensor) -> KFit:
     import torch
 
-    nb = x.shape[0]
-    scales, L = make_q3(x.reshape(nb * 16, 16), 4)
-    scales = scales.reshape(nb, 16)
-    _amax, max_scale = _signed_absmax(scales)
+    scales, L, _amax, max_scale = _signed_sub_scales(x, make_q3, 4)
     has = max_scale != 0
     safe_m = torch.where(has, max_scale, torch.ones_like(max_scale))
     iscale = torch.where(has, -32.0 / safe_m, torch.zeros_like(max_scale))
@@ -387,7 +396,7 @@ def _fit_q3(x: torch.Tensor) -> KFit:
     l6 = torch.where(has[:, None], l6, torch.zeros_like(l6))
     safe_i = torch.where(has, iscale, torch.ones_like(iscale))
     d = _f16(torch.where(has, 1 / safe_i, torch.zeros_like(iscale)))
-    return KFit("Q3_K", d, l6, L.reshape(nb, 256).to(torch.int64))
+    return KFit("Q3_K", d, l6, L.to(torch.int64))
 
 
 def _pack_q3(fit: KFit, L: torch.Tensor) -> torch.Tensor:
@@ -460,17 +469,13 @@ def _pack_q5(fit: KFit, L: torch.Tensor) -> torch.Tensor:
 def _fit_q6(x: torch.Tensor) -> KFit:
     import torch
 
-    nb = x.shape[0]
-    scales, L = make_qx(x.reshape(nb * 16, 16), 32)
-    scales = scales.reshape(nb, 16)
-    amax, max_scale = _signed_absmax(scales)
+    scales, L, amax, max_scale = _signed_sub_scales(x, make_qx, 32)
     zero = amax < GROUP_MAX_EPS
     safe_m = torch.where(zero, torch.ones_like(max_scale), max_scale)
     iscale = -128.0 / safe_m
     d = _f16(torch.where(zero, torch.zeros_like(iscale), 1 / iscale))
     sc = torch.clamp(_rnd(iscale[:, None] * scales), max=127).to(torch.int64)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
-    L = L.reshape(nb, 256)
     helper = torch.where(zero[:, None], torch.zeros_like(L), L)
     return KFit("Q6_K", d, sc, helper.to(torch.int64))
 
