@@ -2,11 +2,13 @@
 
 Converts the embedded SmolLM2-135M, exports Q8_0 and Q4_0 GGUFs, quantizes it with
 llama.cpp's Q4_K_M recipe and with GPTQ onto the Q4_0 and Q5_0 grids, prunes it to 2:4
-with SparseGPT and quantizes that with GPTQ to Q4_0 (zeros kept), and exports an int4 ONNX
-decoder. Then one `cllm eval` scores every model against the base (perplexity, KLD, a PIQA
+with SparseGPT and quantizes that with GPTQ to Q4_0 (zeros kept), removes a quarter of its
+MLP channels and wins some of the loss back with a short distillation from the base, and
+exports an int4 ONNX decoder. Then one `cllm eval` scores every model against the base (perplexity, KLD, a PIQA
 sample; each on its own runtime), one `cllm bench` measures speed, and `cllm report` turns
 both into demo-out/report/ (index.md and Pareto plots), whose table is printed last.
-DEMO_CHUNKS sets how many 512-token chunks are scored, DEMO_TASK_LIMIT how many PIQA items.
+DEMO_CHUNKS sets how many 512-token chunks are scored, DEMO_TASK_LIMIT how many PIQA items,
+DEMO_DISTILL_STEPS the distillation's optimizer steps (2 windows of 128 tokens each).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CHUNKS = os.environ.get("DEMO_CHUNKS", "8")
 TASK_LIMIT = os.environ.get("DEMO_TASK_LIMIT", "50")
 # a small calibration set keeps the demo to a few minutes; bench/quantize.py uses 128 x 512
 CALIB = ["--calib-samples", os.environ.get("DEMO_CALIB_SAMPLES", "32"), "--calib-seqlen", "256"]
+DISTILL_STEPS = os.environ.get("DEMO_DISTILL_STEPS", "24")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -62,6 +65,15 @@ def main() -> None:
                    "-o", str(OUT / "smollm2-135m.sparsegpt-2of4")])  # fmt: skip
     models.append(make(["quantize", pruned, "--method", "gptq", "--gguf-type", "Q4_0", *CALIB,
                         "-o", str(OUT / "smollm2-135m.sparsegpt-2of4.Q4_0-gptq.gguf")]))  # fmt: skip
+    # prune -> distil: a quarter of the MLP channels removed, then a short recovery run with
+    # the base as teacher (its top-64 log-probabilities cached on the first pass)
+    student = make(["prune", "smollm2-135m", "--structured", "mlp", "--ratio", "0.25",
+                    "--dequantize", "-o", str(OUT / "smollm2-135m.mlp-25")])  # fmt: skip
+    models.append(student)
+    models.append(make(["distill", student, "--teacher", "smollm2-135m", "--steps", DISTILL_STEPS,
+                        "--batch-size", "2", "--seqlen", "128", "--lr", "3e-4", "--top-k", "64",
+                        "--teacher-cache", str(OUT / "teacher-cache"),
+                        "-o", str(OUT / "smollm2-135m.mlp-25.distilled")]))  # fmt: skip
     models.append(make(["export", "smollm2-135m", "--to", "onnx", "--quant", "int4",
                         "-o", str(OUT / "smollm2-135m.int4.onnx")]))  # fmt: skip
 
