@@ -122,21 +122,18 @@ def _group(qc: Mapping[str, Any]) -> int:
 
 
 def unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Values 0..count-1 of the little-endian bit stream along the last axis of int32 `words`
-    (value i at bit i * bits), as int64."""
+    """Values 0..count-1 of the little-endian bit stream along the last axis of the words
+    (value i at bit i * bits), as int64: the stream compressed-tensors rows use too."""
     import torch
 
+    from cllm.formats.compressed_tensors import unpack_weight
+
     w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)  # as stored: int32 words
     if w.shape[-1] * 32 < count * bits:
         raise InputError(f"packed tensor holds {w.shape[-1]} words, too few for {count} values")
-    idx = torch.arange(count, dtype=torch.int64)
-    first = (idx * bits) // 32
-    off = (idx * bits) % 32
-    lo = w[..., first] >> off
-    nxt = torch.clamp(first + 1, max=w.shape[-1] - 1)
-    hi = w[..., nxt] << (32 - off)  # only the bits of values straddling two words survive
-    spill = (off + bits > 32).to(torch.int64)
-    return (lo | hi * spill) & ((1 << bits) - 1)
+    w = w[..., : -(-count * bits // 32)]
+    return unpack_weight(w.reshape(-1, w.shape[-1]).contiguous(), bits, count).to(torch.int64)
 
 
 def _v1_zero_fix(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
