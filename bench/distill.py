@@ -153,7 +153,8 @@ def main() -> None:
         if student == "mlp25" and not args.skip_peer:
             out = work / f"{student}-trl"
             rec = peer(path, teacher_hf, data, out, args)
-            row = {"student": student, "run": "TRL GKD", "steps": args.steps, **rec}
+            # the peer's JSON names its student by path: the row keeps the bench's name
+            row = {**rec, "student": student, "run": "TRL GKD", "steps": args.steps}
             if not rec.get("error"):
                 q = quality(str(out), args.chunks)
                 row.update(q)

@@ -10,6 +10,8 @@ itself, so a remote board reports its own).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -66,14 +68,42 @@ def runnable(path: Path, ckpt: Checkpoint | None, backend: str) -> tuple[str, st
 
 
 def run_child(model: str, backend: str, cfg: BenchConfig, timeout: float = 3600) -> dict[str, Any]:
-    """One runner process: its JSON record, or its one-line error as a RuntimeFailure."""
+    """One runner process: its JSON record, or its one-line error as a RuntimeFailure.
+
+    Where the CPU lists AMX and the probe let llama.cpp use it, a crash is most likely that
+    path failing after all (seen on an Intel Xeon whose probe passed): the run is repeated
+    once without the extra buffer types, as `cllm eval` does, and the warning says so."""
+    try:
+        return _run_child(model, backend, cfg, timeout, None)
+    except NativeCrash as crash:
+        from cllm.standalone.guard import ENV, decide
+
+        d = decide()
+        if backend != "llama.cpp" or not (d["amx_listed"] and d["extra_bufts"]):
+            raise
+        if d["setting"] != "auto":
+            raise
+        logging.getLogger("cllm").warning(
+            "%s; running llama.cpp again without its AMX / extra CPU buffer types "
+            "(set %s=off to go straight there on this machine)",
+            crash.message,
+            ENV,
+        )
+        return _run_child(model, backend, cfg, timeout, {**os.environ, ENV: "off"})
+
+
+def _run_child(
+    model: str, backend: str, cfg: BenchConfig, timeout: float, env: dict[str, str] | None
+) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "cllm.standalone.runner", model, "--backend", backend,
         "--threads", str(cfg.threads), "--prompt", str(cfg.prompt), "--gen", str(cfg.gen),
         "--repeat", str(cfg.repeat), "--warmup", str(cfg.warmup),
     ]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeFailure(f"benchmark of {model} took over {timeout:.0f} s") from exc
     if proc.returncode < 0:  # the runtime took the runner down: say so in words
