@@ -10,8 +10,6 @@ itself, so a remote board reports its own).
 from __future__ import annotations
 
 import json
-import logging
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -76,20 +74,11 @@ def run_child(model: str, backend: str, cfg: BenchConfig, timeout: float = 3600)
     try:
         return _run_child(model, backend, cfg, timeout, None)
     except NativeCrash as crash:
-        from cllm.standalone.guard import ENV, decide
+        from cllm.core.native import amx_retry_env
 
-        d = decide()
-        if backend != "llama.cpp" or not (d["amx_listed"] and d["extra_bufts"]):
+        if backend != "llama.cpp":
             raise
-        if d["setting"] != "auto":
-            raise
-        logging.getLogger("cllm").warning(
-            "%s; running llama.cpp again without its AMX / extra CPU buffer types "
-            "(set %s=off to go straight there on this machine)",
-            crash.message,
-            ENV,
-        )
-        return _run_child(model, backend, cfg, timeout, {**os.environ, ENV: "off"})
+        return _run_child(model, backend, cfg, timeout, amx_retry_env(crash))
 
 
 def _run_child(

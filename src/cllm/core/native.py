@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -64,3 +65,25 @@ def llama_accepts_imatrix() -> bool:
     import llama_cpp
 
     return hasattr(llama_cpp, "llama_model_imatrix_data")
+
+
+def amx_retry_env(crash: Any) -> dict[str, str]:
+    """The environment to run llama.cpp again in after `crash` (a NativeCrash): without its
+    AMX / extra buffer types, where the CPU lists AMX and the probe let llama.cpp use them
+    (a crash there is most likely that path failing after all; seen on an Intel Xeon whose
+    probe passed). Anywhere else, or where the user forced the choice, the crash stands."""
+    import logging
+    import os
+
+    from cllm.standalone.guard import ENV, decide
+
+    d = decide()
+    if not (d["amx_listed"] and d["extra_bufts"]) or d["setting"] != "auto":
+        raise crash
+    logging.getLogger("cllm").warning(
+        "%s; running llama.cpp again without its AMX / extra CPU buffer types "
+        "(set %s=off to go straight there on this machine)",
+        crash.message,
+        ENV,
+    )
+    return {**os.environ, ENV: "off"}

@@ -229,22 +229,14 @@ class LlamaCppBackend(_Isolated):
             return super().logits(tokens)
 
     def _without_extra_bufts(self, crash: NativeCrash) -> Any:
-        """Where the CPU lists AMX and the probe let llama.cpp use it, a crash is most likely
-        that path failing after all: run again once without the extra buffer types, and say
-        so. Anywhere else (or a second time, or a choice the user forced) the crash stands."""
-        from cllm.standalone.guard import ENV, decide
+        """Run once more without llama.cpp's AMX path (`amx_retry_env` says when)."""
+        from cllm.core.native import amx_retry_env
 
-        d = decide()
-        if self._retried or not (d["amx_listed"] and d["extra_bufts"]) or d["setting"] != "auto":
+        if self._retried:
             raise crash
+        env = amx_retry_env(crash)
         self._retried = True
-        logging.getLogger("cllm").warning(
-            "%s; running llama.cpp again without its AMX / extra CPU buffer types "
-            "(set %s=off to go straight there on this machine)",
-            crash.message,
-            ENV,
-        )
-        return self._start({**os.environ, ENV: "off"})
+        return self._start(env)
 
 
 def check_finite(ckpt: Checkpoint) -> None:
