@@ -73,7 +73,6 @@ def amx_retry_env(crash: Any) -> dict[str, str]:
     (a crash there is most likely that path failing after all; seen on an Intel Xeon whose
     probe passed). Anywhere else, or where the user forced the choice, the crash stands."""
     import logging
-    import os
 
     from cllm.standalone.guard import ENV, decide
 
