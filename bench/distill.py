@@ -58,7 +58,8 @@ def distill(student: str, out: Path, args: argparse.Namespace, *extra: str) -> d
     cmd = [
         "distill", student, "--teacher", "smollm2-135m", "--steps", str(args.steps),
         "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--lr", str(args.lr),
-        "--save-every", str(max(args.steps, 1)), "-o", str(out), *extra,
+        "--save-every", str(max(args.steps, 1)), "--precision", args.precision, "-o", str(out),
+        *extra,
     ]  # fmt: skip
     _, wall = cllm(*cmd)
     res = result_of(str(out))
@@ -76,6 +77,7 @@ def peer(
         "--data", data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--seqlen", str(args.seqlen), "--lr", str(args.lr), "--seed", "0", "--out", str(out),
         "--json", str(result), "--adam-beta2", "0.95", "--min-lr-rate", "0.1",  # cllm's settings
+        *(["--bf16"] if resolved_precision(args) == "bf16" else []),
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -90,6 +92,13 @@ def peer(
     return rec
 
 
+def resolved_precision(args: argparse.Namespace) -> str:
+    """What cllm's --precision auto picks on this CPU, so the peer trains at the same one."""
+    from cllm.core.distill.loop import resolve_precision
+
+    return resolve_precision(args.precision)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -99,6 +108,14 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--throughput-steps", type=int, default=20)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="cllm's --precision; the peer trains at the same one (auto: bf16 autocast where "
+        "the CPU has bf16 arithmetic)",
+    )
+    ap.add_argument("--skip-ce", action="store_true", help="no cross-entropy baseline run")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-depth", action="store_true")
     ap.add_argument("--throughput-only", action="store_true", help="skip the recovery runs")
@@ -120,7 +137,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     name = "distill-throughput" if args.throughput_only else "distill"
     name += "-recovery" if args.skip_throughput else ""
-    settings = vars(args) | {"work": str(work)}
+    settings = vars(args) | {"work": str(work), "precision_used": resolved_precision(args)}
 
     def keep(row: dict[str, Any]) -> None:
         """Each finished row is written at once: a run cut short still leaves its figures."""
@@ -139,7 +156,7 @@ def main() -> None:
         keep({"student": student, "run": "pruned", "steps": 0, **before, "wall_s": wall})
         print(f"{student}: pruned, KLD {before['kld']:.4f}", file=sys.stderr)
         runs = [("distill fkl", [])]
-        if student == "mlp25":
+        if student == "mlp25" and not args.skip_ce:
             runs.append(("cross-entropy", ["--alpha", "0"]))
         for label, extra in runs:
             out = work / f"{student}-{label.split()[0]}"
@@ -206,7 +223,8 @@ def main() -> None:
 def _recovery_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print_table(
         f"cllm distill: recovery after {args.steps} steps (batch {args.batch_size} x {args.seqlen} tokens, "
-        f"lr {args.lr:g}; KLD vs the teacher, {args.chunks} chunks of WikiText-2 test)",
+        f"lr {args.lr:g}, {resolved_precision(args)}; KLD vs the teacher, {args.chunks} chunks "
+        "of WikiText-2 test)",
         ["student", "run", "KLD", "ppl", "top-1", "recovery", "tokens/s", "wall s"],
         [
             [

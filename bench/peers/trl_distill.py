@@ -40,7 +40,8 @@ Optimizer and schedule (Trainer defaults, set explicitly): AdamW (torch), betas 
 --adam-beta2, default 0.999), eps 1e-8, weight decay 0, gradient clipping 1.0, linear warm-up
 over --warmup steps (default round(0.05 * steps), like cllm) from 0, then cosine down to
 --min-lr-rate x lr (default 0, Trainer's "cosine"; >0 uses "cosine_with_min_lr"). fp32 on CPU,
-no gradient checkpointing (TRL's configs default it on), no bf16 (TRL's configs default it on),
+no gradient checkpointing (TRL's configs default it on), bf16 autocast only with --bf16 (TRL's
+configs default it on; the bench passes it when it compares against cllm's bf16 autocast),
 no evaluation, no checkpoints, no reporting; progress goes to stderr only (stdout is
 redirected to stderr for the whole run).
 
@@ -99,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="micro-batches per optimizer step (batch-size must divide by it)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast (Trainer's bf16=True), to match cllm's --precision bf16",
+    )
     p.add_argument("--adam-beta2", type=float, default=0.999)
     p.add_argument(
         "--min-lr-rate",
@@ -255,7 +261,7 @@ def run(a: argparse.Namespace, result: dict) -> None:
         data_seed=a.seed,
         # precision / device
         use_cpu=True,
-        bf16=False,
+        bf16=a.bf16,
         fp16=False,
         gradient_checkpointing=False,
         # data plumbing

@@ -64,6 +64,89 @@ def test_real_probe_never_approves_a_cpu_without_amx() -> None:
         assert auto["extra_bufts"]  # nothing to fear: llama.cpp keeps its repacked fast paths
 
 
+def test_probe_model_is_a_gguf_llamacpp_runs(tmp_path: Path) -> None:
+    """The llama.cpp probe's model, written with the standard library: the gguf package reads
+    it as a one-layer Q8_0 Llama, and llama.cpp (without its extra buffer types, safe on any
+    CPU) decodes it to finite logits."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    path = tmp_path / "probe.gguf"
+    guard.write_probe_gguf(str(path))
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert len(types) == 12 and types["blk.0.ffn_down.weight"] == GGMLQuantizationType.Q8_0
+    with guard._default_params_without_extra_bufts(pytest.importorskip("llama_cpp")):
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    try:
+        llm.eval(list(range(1, 9)))
+        assert np.isfinite(np.array(llm.scores[:8])).all()
+    finally:
+        llm.close()
+
+
+def test_llama_probe_that_dies_means_amx_is_not_usable() -> None:
+    kill = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
+    ok, why = guard.probe_llama(argv=[sys.executable, "-c", kill])
+    assert not ok and "llama.cpp's AMX path died with signal 11 (SIGSEGV)" in why
+
+
+def test_real_llama_probe_answers_without_harm() -> None:
+    """On this machine: llama.cpp's own AMX path, run in a child. Where the CPU lists no AMX
+    the child simply decodes; either way the answer has a reason and the test lives on."""
+    ok, why = guard.probe_llama()
+    assert why
+    if not guard.amx_listed():
+        assert ok, why
+
+
+def test_a_parents_probe_answer_is_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_probe(*_a, **_k):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(guard, "amx_listed", lambda *_: True)
+    monkeypatch.setattr(guard, "probe_amx", no_probe)
+    monkeypatch.setattr(guard, "probe_llama", no_probe)
+    monkeypatch.setattr(guard, "_decision", None)
+    monkeypatch.delenv(guard.ENV, raising=False)
+    monkeypatch.setenv(guard.PROBED_ENV, "0 llama.cpp's AMX path died with signal 11 (SIGSEGV)")
+    d = guard.decide()
+    assert d["extra_bufts"] is False and "died with signal 11" in d["why"]
+
+
+def test_the_probes_answer_is_kept_for_the_next_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The probes run once per machine: the next process (no answer in its environment)
+    reads the cached one; a stale key (another CPU or llama_cpp install) probes again."""
+    calls: list[str] = []
+
+    def fake_probe(*_a, **_k):
+        calls.append("probe")
+        return False, "died (test)"
+
+    monkeypatch.setattr(guard, "amx_listed", lambda *_: True)
+    monkeypatch.setattr(guard, "probe_amx", fake_probe)
+    monkeypatch.setenv("CLLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(guard.ENV, raising=False)
+    for _ in range(2):  # two "commands"
+        monkeypatch.delenv(guard.PROBED_ENV, raising=False)
+        monkeypatch.setattr(guard, "_decision", None)
+        d = guard.decide()
+        assert d["extra_bufts"] is False and "died (test)" in d["why"]
+    assert calls == ["probe"]
+    cached = json.loads((tmp_path / "amx-probe.json").read_text())
+    cached["key"] = "another machine"
+    (tmp_path / "amx-probe.json").write_text(json.dumps(cached))
+    monkeypatch.delenv(guard.PROBED_ENV, raising=False)
+    monkeypatch.setattr(guard, "_decision", None)
+    guard.decide()
+    assert calls == ["probe", "probe"]
+
+
 def test_quantized_gguf_runs_in_llamacpp_here(quantized: dict[str, Path], tiny_model: Path,
                                               tiny_text: Path) -> None:  # fmt: skip
     """The test that died of SIGSEGV on AMX machines: quantized GGUFs evaluated by llama.cpp,
@@ -236,7 +319,8 @@ def test_a_crash_with_amx_buffers_falls_back_once_without_them(
     from cllm.core.eval.backends import LlamaCppBackend
 
     monkeypatch.setattr(guard, "amx_listed", lambda *_: True)
-    monkeypatch.setattr(guard, "probe_amx", lambda *_, **__: (True, "probe passed (test)"))
+    # the probes' answer as a parent hands it down: passed (the worker inherits it too)
+    monkeypatch.setenv(guard.PROBED_ENV, "1 probes passed (test)")
     monkeypatch.setattr(guard, "_decision", None)
     monkeypatch.setenv("CLLM_TEST_CRASH", "llama.cpp:extra-bufts")
     monkeypatch.delenv(guard.ENV, raising=False)
