@@ -291,7 +291,7 @@ def test_two_process_accelerate_run_matches_one_process(mlp_student, tiny_model,
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", "29517", "-m", "cllm", "distill", str(mlp_student),
         "--teacher", str(tiny_model), "--steps", "4", "--batch-size", "4", "--seqlen", "32",
-        "--lr", "0.003", "--warmup", "0", "-o", str(tmp_path / "two"),
+        "--lr", "0.003", "--warmup", "0", "--precision", "fp32", "-o", str(tmp_path / "two"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
