@@ -18,6 +18,8 @@ recovery and tokens/s >= TRL's, or TRL's exact error.
     python bench/distill.py --skip-throughput     # the recovery table alone
     python bench/distill.py --throughput-only     # the throughput table alone
     python bench/distill.py --steps 30 --skip-peer --work /tmp/d   # a quick look
+    python bench/distill.py --steps 30 --skip-depth --skip-ce --skip-throughput \
+        --precision fp32 --name distill-peer-fp32   # cllm and TRL at one precision
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ def main() -> None:
     ap.add_argument("--throughput-only", action="store_true", help="skip the recovery runs")
     ap.add_argument("--skip-throughput", action="store_true", help="the recovery runs alone")
     ap.add_argument("--work", type=Path, default=None, help="keep the models here")
+    ap.add_argument(
+        "--name", default=None, help="results file bench/results/NAME.json (default by mode)"
+    )
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cllm-distill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     name = "distill-throughput" if args.throughput_only else "distill"
     name += "-recovery" if args.skip_throughput else ""
+    name = args.name or name
     settings = vars(args) | {"work": str(work), "precision_used": resolved_precision(args)}
 
     def keep(row: dict[str, Any]) -> None:

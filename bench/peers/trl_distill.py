@@ -36,8 +36,8 @@ collator instead that returns input_ids [b, L], attention_mask all ones and labe
 (every position), so the loss covers all L-1 next-token positions of every window exactly as
 for plain windows: no chat template, no special tokens, no padding, no prompt masking.
 
-Optimizer and schedule (Trainer defaults, set explicitly): AdamW (torch), betas (0.9,
---adam-beta2, default 0.999), eps 1e-8, weight decay 0, gradient clipping 1.0, linear warm-up
+Optimizer and schedule (Trainer defaults, set explicitly): AdamW (torch, fused:
+`adamw_torch_fused`, as cllm), betas (0.9, --adam-beta2, default 0.999), eps 1e-8, weight decay 0, gradient clipping 1.0, linear warm-up
 over --warmup steps (default round(0.05 * steps), like cllm) from 0, then cosine down to
 --min-lr-rate x lr (default 0, Trainer's "cosine"; >0 uses "cosine_with_min_lr"). fp32 on CPU,
 no gradient checkpointing (TRL's configs default it on), bf16 autocast only with --bf16 (TRL's
@@ -251,7 +251,7 @@ def run(a: argparse.Namespace, result: dict) -> None:
         lr_scheduler_type=sched,
         lr_scheduler_kwargs=sched_kwargs,
         warmup_steps=warmup,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the Trainer's default in transformers 5
         adam_beta1=0.9,
         adam_beta2=a.adam_beta2,
         adam_epsilon=1e-8,

@@ -130,7 +130,7 @@ class DistillJob(Job):
         self, source: Source, paths: list[Path], provenance: dict[str, Any], events: Events
     ) -> dict[str, Any]:
         from cllm.core.distill import state as S
-        from cllm.core.distill.loop import HeldOut, RunSetup, train
+        from cllm.core.distill.loop import HeldOut, RunSetup, resolve_precision, train
         from cllm.core.distill.student import build_student, student_plans
         from cllm.core.distill.teacher import Teacher, TopKCache
         from cllm.core.eval.backends import build_torch_model
@@ -160,6 +160,7 @@ class DistillJob(Job):
                 lambda: build_torch_model(tckpt, attn_implementation="eager" if eager else None),
                 dict(tckpt.config),
                 cfg.teacher_dtype,
+                resolve_precision(cfg.precision),
             )
         held_out = None
         if self.held_out_chunks is not None:
@@ -175,6 +176,8 @@ class DistillJob(Job):
                     "top_k": cfg.top_k,
                     "temperature": cfg.temperature,
                     "teacher_dtype": cfg.teacher_dtype,
+                    # the teacher's passes run in the step's autocast, so its outputs differ
+                    "teacher_precision": resolve_precision(cfg.precision),
                 },
             )
         folder = state_dir(paths[0])

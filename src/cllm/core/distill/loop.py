@@ -204,8 +204,14 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
     tap = LayerTap(student.base, student.config, [s for s, _t in pairs]) if pairs else None
     trainee = Trainee(student.model, projections, tap)
     trainable = {n: p for n, p in trainee.named_parameters() if p.requires_grad}
+    # fused: one kernel over all parameters. The per-tensor loop was a quarter of a step on
+    # 2 cores (0.33 s against 0.07 s for SmolLM2's 115M parameters on the Intel Xeon)
     optimizer = torch.optim.AdamW(
-        list(trainable.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        list(trainable.values()),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+        fused=True,
     )
     schedule = lr_lambda(cfg)
     start = 0
