@@ -78,3 +78,16 @@ def test_llamacpp_types_load(smollm2: Path, tmp_path: Path, gtype: str) -> None:
     ).stdout.strip()
     p = run_cli("eval", out, "-b", "llama.cpp", "--chunks", "1", "--json", check=True)
     assert json.loads(p.stdout)["perplexity"] < 200
+
+
+def test_imatrix_lowers_the_kld_of_llamacpp_q4_k_m(smollm2: Path, tmp_path: Path) -> None:
+    """The importance matrix is what weights llama.cpp's K-quant scale search by the
+    calibration activations: the same type with it must be closer to the base."""
+    files = {}
+    for name, extra in (("plain", []), ("imatrix", ["--imatrix", "auto", *CALIB])):
+        files[name] = run_cli(
+            "quantize", "smollm2-135m", "--gguf-type", "Q4_K_M", *extra,
+            "-o", str(tmp_path / f"{name}.gguf"), check=True,
+        ).stdout.strip()  # fmt: skip
+    plain, weighted = (_kld(Path(files[n]), "llama.cpp") for n in ("plain", "imatrix"))
+    assert weighted < 0.9 * plain, (weighted, plain)

@@ -413,12 +413,25 @@ def _micro_loss(
     logits, hidden, s_att = model(ids, pairs, attentions)
     parts: dict[str, torch.Tensor] = {}
     ce_grad = cfg.alpha < 1.0
+    # at T = 1 the full-vocabulary divergence and the cross-entropy take one log-softmax
+    full_kd = t_out is not None and t_out.logits is not None and cfg.alpha > 0
+    logq = (
+        torch.log_softmax(logits.float(), dim=-1)
+        if full_kd and float(cfg.temperature) == 1.0
+        else None
+    )
     with torch.set_grad_enabled(ce_grad and torch.is_grad_enabled()):
-        parts["ce"] = L.cross_entropy(logits[:, :-1], ids[:, 1:])
+        parts["ce"] = (
+            L.cross_entropy(logits[:, :-1], ids[:, 1:])
+            if logq is None
+            else L.nll(logq[:, :-1], ids[:, 1:])
+        )
     loss = (1.0 - cfg.alpha) * parts["ce"] if ce_grad else torch.zeros((), device=ids.device)
     if t_out is not None and cfg.alpha > 0:
         if t_out.logits is not None:
-            kd = L.full_vocab_loss(cfg.loss, t_out.logits, logits, cfg.temperature, cfg.beta)
+            kd = L.full_vocab_loss(
+                cfg.loss, t_out.logits, logits, cfg.temperature, cfg.beta, student_logp=logq
+            )
         else:
             assert t_out.top_logp is not None and t_out.top_ids is not None
             kd = L.topk_loss(

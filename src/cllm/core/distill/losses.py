@@ -39,7 +39,7 @@ HIDDEN_LOSSES = ("mse", "cosine")
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """sum_i p_i (log p_i - log q_i) along the last axis, with 0 log 0 = 0."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
 def _jsd(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
@@ -68,11 +68,18 @@ def full_vocab_loss(
     temperature: float,
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
+    student_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """T^2 x mean divergence over positions (where `mask` is true)."""
+    """T^2 x mean divergence over positions (where `mask` is true). `student_logp`: the
+    student's log-softmax at this temperature when the caller has it already (the
+    cross-entropy at T = 1 needs the same one, and a vocabulary-wide pass is not free)."""
     t = float(temperature)
     logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = (
+        student_logp
+        if student_logp is not None
+        else F.log_softmax(student_logits.float() / t, dim=-1)
+    )
     per = divergence(kind, logp, logq, beta)
     return t * t * _masked_mean(per, mask)
 
@@ -127,6 +134,14 @@ def teacher_topk(
     logp = F.log_softmax(teacher_logits.float() / float(temperature), dim=-1)
     values, indices = logp.topk(k, dim=-1)
     return values, indices
+
+
+def nll(
+    student_logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`cross_entropy` from log-probabilities already computed (at temperature 1)."""
+    per = -student_logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return _masked_mean(per, mask)
 
 
 def cross_entropy(
