@@ -233,3 +233,20 @@ def test_every_iq_type_is_written_and_runs_in_llama_cpp(
             assert np.isfinite(backend.logits(np.array([1, 5, 9, 12]))).all(), f
         finally:
             backend.close()
+
+
+@pytest.mark.parametrize("name", ["imatrix.gguf", "input-f32.gguf"])
+def test_output_may_take_the_name_of_a_helper_file(
+    wide_model: Path, wide_text: Path, tmp_path: Path, name: str
+) -> None:
+    """The F32 input and the matrix llama.cpp's quantizer reads are written beside the
+    output's temporary file: an output named like one of them once lost its own file."""
+    out = tmp_path / name
+    p = cli_in_process(
+        "quantize", str(wide_model), "--gguf-type", "Q4_K_M", "--imatrix", "auto",
+        "--calib", str(wide_text), "--calib-samples", "4", "--calib-seqlen", "32", "-o", str(out),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(out)
+    assert open_checkpoint(out).tensor_infos()
+    assert sorted(f.name for f in tmp_path.iterdir()) == [name]

@@ -294,7 +294,9 @@ def write_gguf_llamacpp(
         )
     report: dict[str, Any] = {}
     with atomic_path(out, Kind.GGUF) as tmp:
-        f32 = tmp.parent / "input-f32.gguf"
+        # named from the output's own name, so that no output name (an `-o imatrix.gguf`
+        # did) can be the same file as these
+        f32 = tmp.with_name(tmp.name + ".input-f32.gguf")
         save_gguf(f32, ckpt, "F32", provenance, progress)
         im_file = None
         if imatrix is not None:
@@ -303,7 +305,7 @@ def write_gguf_llamacpp(
 
             shapes = {t.name: tuple(int(d) for d in t.shape) for t in GGUFReader(f32).tensors}
             report["imatrix_entries"] = entries_for(imatrix, shapes, "given")
-            im_file = tmp.parent / "imatrix.gguf"
+            im_file = tmp.with_name(tmp.name + ".imatrix.gguf")
             write_imatrix(imatrix, im_file)
         rc = run_isolated("llama.cpp's quantizer", f"quantizing to {ftype}",
                           "cllm.core.native:llama_quantize_file", str(f32), str(tmp), ftype_id,
