@@ -211,7 +211,7 @@ def train(setup: RunSetup, events: Events | None = None) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         betas=(0.9, 0.95),
-        fused=True,
+        fused=acc.device.type in ("cpu", "cuda"),  # where torch has the fused kernel
     )
     schedule = lr_lambda(cfg)
     start = 0

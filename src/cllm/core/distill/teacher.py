@@ -1,9 +1,9 @@
 """The teacher's side of the loss: passes on the fly, or a top-k cache on disk.
 
 On the fly the teacher runs in eval mode without gradients for every batch (optionally
-with bf16 weights), under the same autocast as the student's step: a bf16 run that kept
-the teacher in fp32 spent most of its time there (TRL's trainer, whose autocast covers
-the teacher, was 16% faster on an AMX CPU until this). With `--teacher-cache DIR --top-k K` each training window's
+with bf16 weights), under the same autocast as the student's step, as in TRL's trainer:
+on an AMX CPU a teacher pass took 0.37 s in fp32 and 0.22 s under bf16 autocast, in a
+step of about 1.4 s. With `--teacher-cache DIR --top-k K` each training window's
 teacher log-probabilities (at the run's temperature) are reduced to their K largest values
 and token ids and written once, one small file per window; any later step, epoch or run
 that visits the window reads it instead of running the teacher. The cache folder records
