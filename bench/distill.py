@@ -26,6 +26,7 @@ recovery and tokens/s >= TRL's, or TRL's exact error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -96,14 +97,19 @@ def peer(
 
 
 def resolved_precision(args: argparse.Namespace) -> str:
+    return _resolve_precision(str(args.precision))
+
+
+@functools.cache
+def _resolve_precision(precision: str) -> str:
     """What cllm's --precision auto picks on this CPU, so the peer trains at the same one.
 
     Asked in a child process: with cllm's training loop (torch, accelerate) imported in
     this parent, the cllm runs it launched trained about 15% slower (174 against 205-211
     tokens/s on the Intel Xeon; the TRL runs it launched were not slowed). Not understood;
     the bench keeps that import out of its own process."""
-    if args.precision != "auto":
-        return str(args.precision)
+    if precision != "auto":
+        return precision
     code = "from cllm.core.distill.loop import resolve_precision as r; print(r('auto'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return proc.stdout.strip() or "fp32"

@@ -130,7 +130,7 @@ class DistillJob(Job):
         self, source: Source, paths: list[Path], provenance: dict[str, Any], events: Events
     ) -> dict[str, Any]:
         from cllm.core.distill import state as S
-        from cllm.core.distill.loop import HeldOut, RunSetup, resolve_precision, train
+        from cllm.core.distill.loop import HeldOut, RunSetup, train
         from cllm.core.distill.student import build_student, student_plans
         from cllm.core.distill.teacher import Teacher, TopKCache
         from cllm.core.eval.backends import build_torch_model
@@ -153,6 +153,7 @@ class DistillJob(Job):
                 else ""
             )
         )
+        precision = cfg.precision  # resolved in prepare; the teacher's passes run in it too
         needs_teacher = cfg.alpha > 0 or cfg.hidden_loss or eager or cfg.eval_every
         teacher = None
         if needs_teacher:
@@ -160,7 +161,7 @@ class DistillJob(Job):
                 lambda: build_torch_model(tckpt, attn_implementation="eager" if eager else None),
                 dict(tckpt.config),
                 cfg.teacher_dtype,
-                resolve_precision(cfg.precision),
+                precision,
             )
         held_out = None
         if self.held_out_chunks is not None:
@@ -176,8 +177,7 @@ class DistillJob(Job):
                     "top_k": cfg.top_k,
                     "temperature": cfg.temperature,
                     "teacher_dtype": cfg.teacher_dtype,
-                    # the teacher's passes run in the step's autocast, so its outputs differ
-                    "teacher_precision": resolve_precision(cfg.precision),
+                    "teacher_precision": precision,  # its outputs differ by it
                 },
             )
         folder = state_dir(paths[0])
