@@ -42,7 +42,8 @@ decay 0, gradient clipping 1.0, linear warm-up over --warmup steps (default
 round(0.05 * steps), like cllm) from 0, then cosine down to --min-lr-rate x lr (default 0,
 Trainer's "cosine"; >0 uses "cosine_with_min_lr"). fp32 on CPU, no gradient checkpointing
 (TRL's configs default it on), bf16 autocast only with --bf16 (TRL's configs default it on;
-the bench passes it when it compares against cllm's bf16 autocast), no evaluation, no checkpoints, no reporting; progress goes to stderr only (stdout is
+the bench passes it when it compares against cllm's bf16 autocast), no evaluation, no
+checkpoints, no reporting; progress goes to stderr only (stdout is
 redirected to stderr for the whole run).
 
 RESULT.json: versions, trainer class and config, steps/batch/seqlen, `train_seconds` (wall
